@@ -1,0 +1,26 @@
+//! # sfu — the media core
+//!
+//! Owns everything that touches media packets: routers (rooms), transports (peers), producers and
+//! consumers, forwarding, simulcast layer selection, NACK/PLI and bandwidth estimation. The core is
+//! sans-IO: plain state machines that take packets and an `Instant` and return what to send. A thin
+//! driver owns the shared UDP socket and the timers.
+//!
+//! It must not know about HTTP, SQL, users or organisations: `signaling` drives it through a handle.
+//!
+//! Status: the typed identifiers below are the vocabulary the rest of the workspace already uses;
+//! the forwarding engine lands with the live-rooms work.
+
+use std::fmt;
+
+/// A room as the media core sees it: a set of peers that may forward to each other.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RouterId(pub String);
+
+impl fmt::Display for RouterId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The UDP port every peer shares unless configured otherwise.
+pub const DEFAULT_UDP_PORT: u16 = 7882;
