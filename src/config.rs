@@ -2,7 +2,7 @@
 //! Every key is known; an unknown or malformed one stops the server with its name.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -43,6 +43,8 @@ pub struct Layer {
     pub admin_password: Option<Secret>,
     pub secure_cookies: Option<bool>,
     pub log_format: Option<String>,
+    pub rtc_udp: Option<String>,
+    pub rtc_public_ip: Option<String>,
 }
 
 const ENV_KEYS: &[&str] = &[
@@ -56,6 +58,8 @@ const ENV_KEYS: &[&str] = &[
     "admin_password",
     "secure_cookies",
     "log_format",
+    "rtc_udp",
+    "rtc_public_ip",
 ];
 
 /// Environment variables with our prefix that are not configuration keys.
@@ -80,6 +84,11 @@ pub struct Config {
     pub admin_password: Option<Secret>,
     pub secure_cookies: bool,
     pub log_format: LogFormat,
+    /// The one UDP socket all media peers share.
+    pub rtc_udp: SocketAddr,
+    /// The address clients are told to send media to (NAT 1:1, or the host's address when the
+    /// socket listens on all interfaces).
+    pub rtc_public_ip: Option<IpAddr>,
 }
 
 impl Layer {
@@ -152,6 +161,8 @@ impl Layer {
             admin_password: over.admin_password.or(self.admin_password),
             secure_cookies: over.secure_cookies.or(self.secure_cookies),
             log_format: over.log_format.or(self.log_format),
+            rtc_udp: over.rtc_udp.or(self.rtc_udp),
+            rtc_public_ip: over.rtc_public_ip.or(self.rtc_public_ip),
         }
     }
 
@@ -203,6 +214,18 @@ impl Layer {
             Some("json") => LogFormat::Json,
             Some(other) => bail!("configuration key `log_format`: `{other}` is not text or json"),
         };
+        let rtc_udp = self.rtc_udp.as_deref().unwrap_or("0.0.0.0:7882");
+        let rtc_udp: SocketAddr = rtc_udp.parse().map_err(|_| {
+            anyhow::anyhow!(
+                "configuration key `rtc_udp`: `{rtc_udp}` is not an address like 0.0.0.0:7882"
+            )
+        })?;
+        let rtc_public_ip = match self.rtc_public_ip.as_deref() {
+            None => None,
+            Some(s) => Some(s.parse::<IpAddr>().map_err(|_| {
+                anyhow::anyhow!("configuration key `rtc_public_ip`: `{s}` is not an IP address")
+            })?),
+        };
         Ok(Config {
             http,
             data_dir,
@@ -214,6 +237,8 @@ impl Layer {
             admin_password: self.admin_password,
             secure_cookies: self.secure_cookies.unwrap_or(false),
             log_format,
+            rtc_udp,
+            rtc_public_ip,
         })
     }
 }

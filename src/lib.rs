@@ -13,6 +13,7 @@ use anyhow::Context;
 use portal::AppState;
 use portal::db::Db;
 use portal::storage::{S3Keys, Storage};
+use signaling::room::{Rooms, RoomsConfig};
 use signaling::token::TokenKey;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -87,6 +88,8 @@ pub fn open_storage(config: &Config) -> anyhow::Result<Storage> {
 /// A running server: its address, and how to stop it.
 pub struct Server {
     pub addr: SocketAddr,
+    /// Where clients send media.
+    pub media_addr: SocketAddr,
     /// Set on first start when the admin password was generated; print it once.
     pub generated_admin_password: Option<String>,
     shutdown: Option<oneshot::Sender<()>>,
@@ -122,12 +125,27 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     let tokens = load_token_key(&config, true)?;
     let generated_admin_password =
         portal::bootstrap_admin(&db, config.admin_password.as_ref().map(|p| p.expose())).await?;
-    let state = AppState::new(db.clone(), storage.clone(), tokens, config.secure_cookies).await?;
+    let public_ip = config
+        .rtc_public_ip
+        .or_else(|| config.rtc_udp.ip().is_unspecified().then(primary_ip));
+    let (sfu, sfu_events) = sfu::driver::start(config.rtc_udp, public_ip)
+        .await
+        .with_context(|| format!("cannot open the media socket {}", config.rtc_udp))?;
+    let rooms = Rooms::new(RoomsConfig::default(), tokens.clone(), sfu.clone());
+    tokio::spawn(rooms.clone().run_events(sfu_events));
+    let state = AppState::new(
+        db.clone(),
+        storage.clone(),
+        tokens,
+        config.secure_cookies,
+        rooms,
+    )
+    .await?;
     let listener = TcpListener::bind(config.http)
         .await
         .with_context(|| format!("cannot listen on {}", config.http))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, storage = %storage.describe, database = ?db.backend, "serving");
+    tracing::info!(%addr, media = %sfu.advertised(), storage = %storage.describe, database = ?db.backend, "serving");
     let (tx, rx) = oneshot::channel::<()>();
     let app = portal::app(state).into_make_service_with_connect_info::<SocketAddr>();
     let task = tokio::spawn(async move {
@@ -142,8 +160,19 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     });
     Ok(Server {
         addr,
+        media_addr: sfu.advertised(),
         generated_admin_password,
         shutdown: Some(tx),
         task,
     })
+}
+
+/// The address of the interface that holds the default route, for advertising a socket bound to
+/// all interfaces. Connecting a UDP socket only consults the routing table; nothing is sent.
+fn primary_ip() -> std::net::IpAddr {
+    std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.connect("192.0.2.1:9").map(|_| s))
+        .and_then(|s| s.local_addr())
+        .map(|a| a.ip())
+        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
 }

@@ -38,6 +38,9 @@ struct Common {
     /// s3://BUCKET?endpoint=…&region=… (default: local disk in the data directory)
     #[arg(long, global = true)]
     storage_url: Option<String>,
+    /// UDP address shared by all media peers (default 0.0.0.0:7882)
+    #[arg(long, global = true)]
+    rtc_udp: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -77,6 +80,7 @@ fn load_config(c: &Common) -> anyhow::Result<Config> {
         data: c.data.clone(),
         database_url: c.database_url.clone().map(Secret::new),
         storage_url: c.storage_url.clone(),
+        rtc_udp: c.rtc_udp.clone(),
         ..Layer::default()
     };
     file.merge(env).merge(flags).resolve()

@@ -326,6 +326,7 @@ async fn generated_admin_must_change_password_first(backend: Backend) {
         database_url: pg
             .as_ref()
             .map(|p| dangjian::config::Secret::new(p.url.clone())),
+        rtc_udp: Some("127.0.0.1:0".into()),
         ..Default::default()
     }
     .resolve()

@@ -8,6 +8,7 @@ fn dangjian(data: &std::path::Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_dangjian"));
     c.current_dir(data)
         .env_remove("DATABASE_URL")
+        .env("DANGJIAN_RTC_UDP", "127.0.0.1:0")
         .arg("--data")
         .arg(data);
     c

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use signaling::token::{Claims, Grants, TokenError, TokenRequest};
+use signaling::token::{Claims, TokenError};
 use utoipa::OpenApi;
 
 use crate::AppState;
@@ -41,7 +41,12 @@ pub fn router() -> Router<AppState> {
         crate::ops::healthz,
         crate::ops::readyz,
         crate::ops::metrics,
-        crate::ops::openapi
+        crate::ops::openapi,
+        crate::rooms::list_rooms,
+        crate::rooms::get_room,
+        crate::rooms::close_room,
+        crate::rooms::remove_participant,
+        crate::rooms::mute_participant
     ),
     components(schemas(
         LoginRequest,
@@ -268,22 +273,7 @@ async fn room_token(
             "ttl must be 1 to {MAX_TOKEN_TTL} seconds"
         )));
     }
-    let grants = Grants {
-        admin: u.role.allows(Permission::HostRooms),
-        record: u.role.allows(Permission::RecordRooms),
-        ..Grants::PARTICIPANT
-    };
-    let token = state
-        .tokens
-        .mint(&TokenRequest {
-            room: room.clone(),
-            identity: u.username.clone(),
-            name: u.display_name.clone(),
-            grants,
-            ttl: Duration::from_secs(ttl),
-        })
-        .map_err(token_error)?;
-    state.metrics.tokens_minted.inc();
+    let token = crate::rooms::user_token(&state, u, &room, Duration::from_secs(ttl))?;
     Ok(Json(TokenResponse {
         token,
         room,

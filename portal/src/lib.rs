@@ -19,6 +19,7 @@ pub mod error;
 pub mod metrics;
 pub mod ops;
 pub mod pages;
+pub mod rooms;
 pub mod storage;
 
 use std::sync::Arc;
@@ -53,6 +54,8 @@ pub struct AppState {
     pub dummy_hash: String,
     /// Mark cookies `Secure` (when served behind HTTPS).
     pub secure_cookies: bool,
+    /// Live rooms (signaling and, through it, the media server).
+    pub rooms: signaling::room::Rooms,
 }
 
 impl AppState {
@@ -61,6 +64,7 @@ impl AppState {
         storage: Storage,
         tokens: TokenKey,
         secure_cookies: bool,
+        rooms: signaling::room::Rooms,
     ) -> anyhow::Result<AppState> {
         Ok(AppState {
             db,
@@ -71,6 +75,7 @@ impl AppState {
             templates: Arc::new(pages::templates()?),
             dummy_hash: auth::hash_password(auth::random_token()).await?,
             secure_cookies,
+            rooms,
         })
     }
 }
@@ -108,6 +113,8 @@ pub fn app(state: AppState) -> Router {
         .merge(api::router())
         .merge(ops::router())
         .merge(pages::router())
+        .merge(rooms::router())
+        .merge(signaling::ws::router(state.rooms.clone()))
         .fallback(pages::not_found)
         .layer(middleware::from_fn_with_state(state.clone(), metrics::track))
         .layer(middleware::from_fn(same_origin_guard))

@@ -70,13 +70,108 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 /// Prometheus text format.
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text exposition")))]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let mut text = state.metrics.render();
+    // The registry ends with "# EOF"; media figures go before it.
+    if let Some(stripped) = text.strip_suffix("# EOF\n") {
+        text = stripped.to_string();
+    }
+    text.push_str(&media_metrics(&state).await);
+    text.push_str("# EOF\n");
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(),
+        text,
     )
+}
+
+async fn media_metrics(state: &AppState) -> String {
+    let (rooms, participants, tracks) = state.rooms.counts();
+    let snap = state.rooms.sfu().snapshot().await;
+    let s = snap.stats;
+    let rows: [(&str, &str, &str, u64); 13] = [
+        ("dangjian_rooms", "gauge", "Live rooms", rooms as u64),
+        (
+            "dangjian_participants",
+            "gauge",
+            "Participants in live rooms",
+            participants as u64,
+        ),
+        (
+            "dangjian_tracks",
+            "gauge",
+            "Published tracks",
+            tracks as u64,
+        ),
+        (
+            "dangjian_sfu_peers",
+            "gauge",
+            "Server-side peer connections",
+            snap.peers as u64,
+        ),
+        (
+            "dangjian_sfu_datagrams_in_total",
+            "counter",
+            "UDP datagrams received",
+            s.datagrams_in,
+        ),
+        (
+            "dangjian_sfu_bytes_in_total",
+            "counter",
+            "UDP bytes received",
+            s.bytes_in,
+        ),
+        (
+            "dangjian_sfu_datagrams_out_total",
+            "counter",
+            "UDP datagrams sent",
+            s.datagrams_out,
+        ),
+        (
+            "dangjian_sfu_bytes_out_total",
+            "counter",
+            "UDP bytes sent",
+            s.bytes_out,
+        ),
+        (
+            "dangjian_sfu_rtp_in_total",
+            "counter",
+            "RTP packets received from publishers",
+            s.rtp_in,
+        ),
+        (
+            "dangjian_sfu_rtp_forwarded_total",
+            "counter",
+            "RTP packets forwarded to subscribers",
+            s.rtp_forwarded,
+        ),
+        (
+            "dangjian_sfu_dropped_unknown_total",
+            "counter",
+            "Datagrams dropped: unknown sender or undecodable",
+            s.dropped_unknown,
+        ),
+        (
+            "dangjian_sfu_plis_total",
+            "counter",
+            "Keyframe requests sent to publishers",
+            s.plis,
+        ),
+        (
+            "dangjian_sfu_send_drops_total",
+            "counter",
+            "Datagrams dropped because the socket was full",
+            snap.send_drops,
+        ),
+    ];
+    let mut out = String::new();
+    for (name, kind, help, value) in rows {
+        out.push_str(&format!(
+            "# HELP {name} {help}.\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    }
+    out
 }
 
 /// This document.

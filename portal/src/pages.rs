@@ -25,6 +25,8 @@ const TEMPLATES: &[(&str, &str)] = &[
         "not_found.html",
         include_str!("../../web/templates/not_found.html"),
     ),
+    ("room.html", include_str!("../../web/templates/room.html")),
+    ("rooms.html", include_str!("../../web/templates/rooms.html")),
 ];
 
 const APP_CSS: &str = include_str!("../../web/static/app.css");
@@ -87,6 +89,16 @@ fn csrf(headers: &HeaderMap) -> (String, Option<String>) {
     }
 }
 
+/// A page with the CSRF cookie handled, for other modules.
+pub fn render_page(
+    state: &AppState,
+    headers: &HeaderMap,
+    name: &str,
+    ctx: minijinja::Value,
+) -> Result<impl IntoResponse, AppError> {
+    render(state, headers, name, StatusCode::OK, ctx)
+}
+
 fn render(
     state: &AppState,
     headers: &HeaderMap,
@@ -124,7 +136,7 @@ fn nav_for(user: &User) -> Vec<NavItem> {
             title: "会议直播",
             desc: "视频会议、远程课堂",
             href: "/rooms",
-            ready: false,
+            ready: true,
         },
         NavItem {
             title: "录像回放",

@@ -7,8 +7,14 @@
 //!
 //! It must not know about HTTP, SQL, users or organisations: `signaling` drives it through a handle.
 //!
-//! Status: the typed identifiers below are the vocabulary the rest of the workspace already uses;
-//! the forwarding engine lands with the live-rooms work.
+//! Main types: [`core::Sfu`] (the sans-IO state machine: peers, producers, consumers, routers),
+//! [`driver::SfuHandle`] (what signaling holds: commands in, [`core::SfuEvent`]s out), and
+//! [`engine`] (how a server-side `rtc` peer connection is built). Datagrams reach a peer by the ICE
+//! ufrag of their first STUN check, then by source address.
+
+pub mod core;
+pub mod driver;
+pub mod engine;
 
 use std::fmt;
 

@@ -1,6 +1,6 @@
 // Shared by the browser tests: start a real dangjian on port 0 in a fresh data directory, and
 // Debian's Chromium through playwright-core.
-import { spawn } from 'node:child_process';
+import { spawn, execFileSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -11,7 +11,7 @@ export const ADMIN_PASSWORD = 'browser-admin-pass';
 export async function startServer(env = {}) {
   const bin = process.env.DJTEST_BIN ?? new URL('../../target/debug/dangjian', import.meta.url).pathname;
   const dir = mkdtempSync(join(tmpdir(), 'dangjian-browser-'));
-  const proc = spawn(bin, ['serve', '--http', '127.0.0.1:0', '--data', dir], {
+  const proc = spawn(bin, ['serve', '--http', '127.0.0.1:0', '--rtc-udp', '127.0.0.1:0', '--data', dir], {
     env: { ...process.env, DANGJIAN_ADMIN_PASSWORD: ADMIN_PASSWORD, ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
@@ -29,6 +29,12 @@ export async function startServer(env = {}) {
   });
   return {
     url,
+    dir,
+    /** A media access token signed with this server's key, from `dangjian token`. */
+    token(room, identity, { name = identity, grant = 'publish,subscribe,data' } = {}) {
+      const out = execFileSync(bin, ['token', '--data', dir, '--room', room, '--identity', identity, '--name', name, '--grant', grant]);
+      return out.toString().trim();
+    },
     async stop() {
       const exited = new Promise((r) => proc.once('exit', r));
       proc.kill('SIGTERM');

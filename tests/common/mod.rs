@@ -104,6 +104,7 @@ impl TestApp {
             data: Some(dir.path().to_path_buf()),
             database_url: pg.as_ref().map(|p| Secret::new(p.url.clone())),
             admin_password: Some(Secret::new(ADMIN_PASSWORD)),
+            rtc_udp: Some("127.0.0.1:0".into()),
             ..Layer::default()
         };
         let config = base.merge(extra).resolve().unwrap();

@@ -1,0 +1,810 @@
+//! The sans-IO SFU: peers (one server-side peer connection each), producers (tracks a publisher
+//! sends), consumers (a producer forwarded to one subscriber), grouped by router (a room).
+//!
+//! Input: datagrams, commands and the time. Output: datagrams to send ([`Sfu::poll_transmit`]),
+//! events for signaling ([`Sfu::poll_event`]) and the next deadline ([`Sfu::poll_timeout`]).
+//! Each router auto-subscribes its subscriber peers to every producer of other participants.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::RTCPeerConnection;
+use rtc::peer_connection::certificate::RTCCertificate;
+use rtc::peer_connection::event::{RTCPeerConnectionEvent, RTCTrackEvent};
+use rtc::peer_connection::message::RTCMessage;
+use rtc::peer_connection::sdp::RTCSessionDescription;
+use rtc::peer_connection::state::RTCPeerConnectionState;
+use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
+use rtc::rtp_transceiver::{
+    RTCRtpReceiverId, RTCRtpSenderId, RTCRtpTransceiverDirection, RTCRtpTransceiverId,
+    RTCRtpTransceiverInit,
+};
+use rtc::sansio::Protocol;
+use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
+
+use crate::RouterId;
+use crate::engine;
+
+/// Keyframe requests to one publisher are sent at most this often.
+pub const PLI_INTERVAL: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerId(pub u64);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProducerId(pub u64);
+
+impl fmt::Display for ProducerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TR_{}", self.0)
+    }
+}
+
+impl ProducerId {
+    pub fn parse(s: &str) -> Option<ProducerId> {
+        s.strip_prefix("TR_")?.parse().ok().map(ProducerId)
+    }
+}
+
+/// Which way media flows on a peer connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// The client sends (and offers); the server answers.
+    Publish,
+    /// The server sends (and offers); the client answers.
+    Subscribe,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MediaKind {
+    Audio,
+    Video,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SfuError {
+    #[error("no such peer")]
+    NoPeer,
+    #[error("that peer does not {0}")]
+    WrongDirection(&'static str),
+    #[error("invalid SDP: {0}")]
+    BadSdp(String),
+    #[error("media engine: {0}")]
+    Engine(String),
+}
+
+impl From<engine::EngineError> for SfuError {
+    fn from(e: engine::EngineError) -> Self {
+        SfuError::Engine(e.to_string())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SfuEvent {
+    /// A publisher's track started to arrive.
+    ProducerAdded {
+        router: RouterId,
+        peer: PeerId,
+        owner: String,
+        producer: ProducerId,
+        kind: MediaKind,
+        mid: Option<String>,
+    },
+    ProducerRemoved {
+        router: RouterId,
+        owner: String,
+        producer: ProducerId,
+    },
+    /// Send this offer to the subscriber; `tracks` maps each mid to the producer it carries.
+    SubscriberOffer {
+        peer: PeerId,
+        sdp: String,
+        tracks: Vec<(String, ProducerId, String)>,
+    },
+    Connected {
+        peer: PeerId,
+    },
+    /// ICE or DTLS failed or the connection closed.
+    Disconnected {
+        peer: PeerId,
+    },
+}
+
+/// A datagram to send from the shared socket.
+#[derive(Debug)]
+pub struct Transmit {
+    pub to: SocketAddr,
+    pub data: BytesMut,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SfuStats {
+    pub datagrams_in: u64,
+    pub bytes_in: u64,
+    pub datagrams_out: u64,
+    pub bytes_out: u64,
+    pub rtp_in: u64,
+    pub rtp_forwarded: u64,
+    pub dropped_unknown: u64,
+    pub forward_errors: u64,
+    pub plis: u64,
+}
+
+struct Consumer {
+    sender: RTCRtpSenderId,
+    transceiver: RTCRtpTransceiverId,
+    /// Known once the subscriber has answered.
+    ssrc_pt: Option<(u32, u8)>,
+    mime: String,
+}
+
+struct Peer {
+    router: RouterId,
+    owner: String,
+    direction: Direction,
+    pc: RTCPeerConnection,
+    ufrag: String,
+    // Publish side: engine track id → producer.
+    producers: HashMap<String, ProducerId>,
+    // Subscribe side.
+    consumers: HashMap<ProducerId, Consumer>,
+    sender_tracks: HashMap<String, ProducerId>,
+    awaiting_answer: bool,
+    needs_offer: bool,
+    connected: bool,
+}
+
+struct Producer {
+    router: RouterId,
+    peer: PeerId,
+    owner: String,
+    receiver: RTCRtpReceiverId,
+    ssrc: u32,
+    kind: MediaKind,
+    codec: RTCRtpCodec,
+    consumers: Vec<PeerId>,
+    last_pli: Option<Instant>,
+}
+
+pub struct SfuConfig {
+    /// The address put in every candidate: the shared socket as clients reach it.
+    pub advertised: SocketAddr,
+}
+
+pub struct Sfu {
+    advertised: SocketAddr,
+    cert: RTCCertificate,
+    next_id: u64,
+    peers: HashMap<PeerId, Peer>,
+    by_ufrag: HashMap<String, PeerId>,
+    by_addr: HashMap<SocketAddr, PeerId>,
+    producers: HashMap<ProducerId, Producer>,
+    routers: HashMap<RouterId, Vec<PeerId>>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<SfuEvent>,
+    stats: SfuStats,
+}
+
+impl Sfu {
+    pub fn new(config: SfuConfig) -> Result<Sfu, SfuError> {
+        Ok(Sfu {
+            advertised: config.advertised,
+            cert: engine::certificate().map_err(SfuError::Engine)?,
+            next_id: 1,
+            peers: HashMap::new(),
+            by_ufrag: HashMap::new(),
+            by_addr: HashMap::new(),
+            producers: HashMap::new(),
+            routers: HashMap::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: SfuStats::default(),
+        })
+    }
+
+    pub fn stats(&self) -> SfuStats {
+        self.stats
+    }
+
+    pub fn advertised(&self) -> SocketAddr {
+        self.advertised
+    }
+
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    pub fn producer_count(&self) -> usize {
+        self.producers.len()
+    }
+
+    fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// A new server-side connection for `owner` in `router`. Subscribe peers get an offer (as an
+    /// event) for every producer already in the router.
+    pub fn create_peer(
+        &mut self,
+        now: Instant,
+        router: &RouterId,
+        owner: &str,
+        direction: Direction,
+    ) -> Result<PeerId, SfuError> {
+        let id = PeerId(self.id());
+        let ufrag = hex::encode(rand::random::<[u8; 8]>());
+        let pwd = hex::encode(rand::random::<[u8; 16]>());
+        let pc = engine::server_peer_connection(now, &ufrag, &pwd, self.advertised, &self.cert)?;
+        self.by_ufrag.insert(ufrag.clone(), id);
+        self.peers.insert(
+            id,
+            Peer {
+                router: router.clone(),
+                owner: owner.to_string(),
+                direction,
+                pc,
+                ufrag,
+                producers: HashMap::new(),
+                consumers: HashMap::new(),
+                sender_tracks: HashMap::new(),
+                awaiting_answer: false,
+                needs_offer: false,
+                connected: false,
+            },
+        );
+        self.routers.entry(router.clone()).or_default().push(id);
+        if direction == Direction::Subscribe {
+            let existing: Vec<ProducerId> = self
+                .producers
+                .iter()
+                .filter(|(_, p)| &p.router == router && p.owner != owner)
+                .map(|(id, _)| *id)
+                .collect();
+            for producer in existing {
+                self.add_consumer(producer, id)?;
+            }
+            self.offer(now, id)?;
+        }
+        Ok(id)
+    }
+
+    /// Applies a publisher's offer and returns the answer.
+    pub fn publisher_offer(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        sdp: String,
+    ) -> Result<String, SfuError> {
+        let p = self.peers.get_mut(&peer).ok_or(SfuError::NoPeer)?;
+        if p.direction != Direction::Publish {
+            return Err(SfuError::WrongDirection("publish"));
+        }
+        let offer =
+            RTCSessionDescription::offer(sdp).map_err(|e| SfuError::BadSdp(e.to_string()))?;
+        p.pc.set_remote_description(now, offer)
+            .map_err(|e| SfuError::BadSdp(e.to_string()))?;
+        let answer = p.pc.create_answer(None)?;
+        p.pc.set_local_description(now, answer.clone())?;
+        self.drain(now, peer);
+        Ok(answer.sdp)
+    }
+
+    /// Applies a subscriber's answer to our last offer.
+    pub fn subscriber_answer(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        sdp: String,
+    ) -> Result<(), SfuError> {
+        let p = self.peers.get_mut(&peer).ok_or(SfuError::NoPeer)?;
+        if p.direction != Direction::Subscribe {
+            return Err(SfuError::WrongDirection("subscribe"));
+        }
+        let answer =
+            RTCSessionDescription::answer(sdp).map_err(|e| SfuError::BadSdp(e.to_string()))?;
+        p.pc.set_remote_description(now, answer)
+            .map_err(|e| SfuError::BadSdp(e.to_string()))?;
+        p.awaiting_answer = false;
+        for c in p.consumers.values_mut() {
+            c.ssrc_pt = sender_ssrc_pt(&mut p.pc, c.sender, &c.mime);
+        }
+        let again = std::mem::take(&mut p.needs_offer);
+        if again {
+            self.offer(now, peer)?;
+        }
+        self.drain(now, peer);
+        Ok(())
+    }
+
+    /// Removes a peer, its producers (and their consumers elsewhere) and its consumers.
+    pub fn close_peer(&mut self, now: Instant, peer: PeerId) {
+        let Some(mut p) = self.peers.remove(&peer) else {
+            return;
+        };
+        self.by_ufrag.remove(&p.ufrag);
+        self.by_addr.retain(|_, id| *id != peer);
+        if let Some(list) = self.routers.get_mut(&p.router) {
+            list.retain(|id| *id != peer);
+            if list.is_empty() {
+                self.routers.remove(&p.router);
+            }
+        }
+        let _ = p.pc.close();
+        while let Some(m) = p.pc.poll_write() {
+            self.push_transmit(m.transport.peer_addr, m.message);
+        }
+        for producer in p.producers.into_values() {
+            self.remove_producer(now, producer);
+        }
+        for producer in p.consumers.keys() {
+            if let Some(pr) = self.producers.get_mut(producer) {
+                pr.consumers.retain(|id| *id != peer);
+            }
+        }
+    }
+
+    /// Stops forwarding a producer and tells its subscribers.
+    pub fn remove_producer(&mut self, now: Instant, producer: ProducerId) {
+        let Some(pr) = self.producers.remove(&producer) else {
+            return;
+        };
+        if let Some(p) = self.peers.get_mut(&pr.peer) {
+            p.producers.retain(|_, id| *id != producer);
+        }
+        for sub in &pr.consumers {
+            let Some(p) = self.peers.get_mut(sub) else {
+                continue;
+            };
+            if let Some(c) = p.consumers.remove(&producer) {
+                p.sender_tracks.retain(|_, id| *id != producer);
+                let _ = p.pc.remove_track(c.sender);
+                let _ = self.offer(now, *sub);
+            }
+        }
+        self.events.push_back(SfuEvent::ProducerRemoved {
+            router: pr.router,
+            owner: pr.owner,
+            producer,
+        });
+    }
+
+    /// Owner of a producer, for permission checks in signaling.
+    pub fn producer_owner(&self, producer: ProducerId) -> Option<&str> {
+        self.producers.get(&producer).map(|p| p.owner.as_str())
+    }
+
+    /// Asks the publisher of `producer` for a keyframe (throttled).
+    pub fn request_keyframe(&mut self, now: Instant, producer: ProducerId) {
+        let Some(pr) = self.producers.get_mut(&producer) else {
+            return;
+        };
+        if pr.kind != MediaKind::Video
+            || pr
+                .last_pli
+                .is_some_and(|t| now.duration_since(t) < PLI_INTERVAL)
+        {
+            return;
+        }
+        pr.last_pli = Some(now);
+        let (peer, receiver, ssrc) = (pr.peer, pr.receiver, pr.ssrc);
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if let Some(mut r) = p.pc.rtp_receiver(receiver) {
+            let pli = PictureLossIndication {
+                sender_ssrc: 0,
+                media_ssrc: ssrc,
+            };
+            if r.write_rtcp(now, vec![Box::new(pli)]).is_ok() {
+                self.stats.plis += 1;
+            }
+        }
+        self.drain_writes(peer);
+    }
+
+    fn add_consumer(&mut self, producer: ProducerId, sub: PeerId) -> Result<(), SfuError> {
+        let Some(pr) = self.producers.get(&producer) else {
+            return Ok(());
+        };
+        let (kind, codec, owner) = (pr.kind, pr.codec.clone(), pr.owner.clone());
+        let Some(p) = self.peers.get_mut(&sub) else {
+            return Ok(());
+        };
+        if p.consumers.contains_key(&producer) {
+            return Ok(());
+        }
+        let ssrc: u32 = rand::random();
+        let track_id = producer.to_string();
+        let track = MediaStreamTrack::new(
+            owner,
+            track_id.clone(),
+            track_id.clone(),
+            match kind {
+                MediaKind::Audio => RtpCodecKind::Audio,
+                MediaKind::Video => RtpCodecKind::Video,
+            },
+            vec![RTCRtpEncodingParameters {
+                rtp_coding_parameters: RTCRtpCodingParameters {
+                    ssrc: Some(ssrc),
+                    ..Default::default()
+                },
+                codec: codec.clone(),
+                ..Default::default()
+            }],
+        );
+        let init = RTCRtpTransceiverInit {
+            direction: RTCRtpTransceiverDirection::Sendonly,
+            ..Default::default()
+        };
+        let transceiver = p.pc.add_transceiver_from_track(track, Some(init))?;
+        let sender =
+            p.pc.rtp_transceiver(transceiver)
+                .and_then(|t| t.sender())
+                .ok_or_else(|| SfuError::Engine("new transceiver has no sender".into()))?;
+        p.consumers.insert(
+            producer,
+            Consumer {
+                sender,
+                transceiver,
+                ssrc_pt: None,
+                mime: codec.mime_type,
+            },
+        );
+        p.sender_tracks.insert(track_id, producer);
+        if let Some(pr) = self.producers.get_mut(&producer) {
+            pr.consumers.push(sub);
+        }
+        Ok(())
+    }
+
+    /// Offers the subscriber its current set of tracks, or queues the offer until it answers.
+    fn offer(&mut self, now: Instant, peer: PeerId) -> Result<(), SfuError> {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return Ok(());
+        };
+        // With no m-section yet an offer carries no ICE credentials: no client can apply it (and
+        // the answer to it would be rejected, leaving us awaiting it forever). Offer on the first track.
+        if p.pc.get_transceivers().next().is_none() {
+            return Ok(());
+        }
+        if p.awaiting_answer {
+            p.needs_offer = true;
+            return Ok(());
+        }
+        let offer = p.pc.create_offer(None)?;
+        p.pc.set_local_description(now, offer.clone())?;
+        p.awaiting_answer = true;
+        let mut tracks = Vec::with_capacity(p.consumers.len());
+        for (producer, c) in &p.consumers {
+            if let Some(mid) =
+                p.pc.rtp_transceiver(c.transceiver)
+                    .and_then(|t| t.mid().clone())
+            {
+                let owner = self
+                    .producers
+                    .get(producer)
+                    .map(|pr| pr.owner.clone())
+                    .unwrap_or_default();
+                tracks.push((mid, *producer, owner));
+            }
+        }
+        self.events.push_back(SfuEvent::SubscriberOffer {
+            peer,
+            sdp: offer.sdp,
+            tracks,
+        });
+        self.drain_writes(peer);
+        Ok(())
+    }
+
+    /// One datagram from the shared socket.
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        self.stats.datagrams_in += 1;
+        self.stats.bytes_in += data.len() as u64;
+        let peer = match self.by_addr.get(&from) {
+            Some(id) => Some(*id),
+            None => engine::stun_local_ufrag(data).and_then(|u| self.by_ufrag.get(&u).copied()),
+        };
+        let Some(peer) = peer else {
+            self.stats.dropped_unknown += 1;
+            return;
+        };
+        // A STUN check with the right ufrag from a new address binds that address (ICE picks
+        // the pair; a later check from elsewhere, as after a network change, rebinds).
+        self.by_addr.entry(from).or_insert(peer);
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let msg = TaggedBytesMut {
+            now,
+            transport: TransportContext {
+                local_addr: self.advertised,
+                peer_addr: from,
+                ecn: None,
+                transport_protocol: TransportProtocol::UDP,
+            },
+            message: BytesMut::from(data),
+        };
+        if p.pc.handle_read(msg).is_err() {
+            self.stats.dropped_unknown += 1;
+        }
+        self.drain(now, peer);
+    }
+
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        self.peers
+            .values_mut()
+            .filter_map(|p| p.pc.poll_timeout())
+            .min()
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let due: Vec<PeerId> = self
+            .peers
+            .iter_mut()
+            .filter_map(|(id, p)| {
+                p.pc.poll_timeout()
+                    .is_some_and(|t| t <= now)
+                    .then_some((id, p))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            if let Some(p) = self.peers.get_mut(&id) {
+                let _ = p.pc.handle_timeout(now);
+            }
+            self.drain(now, id);
+        }
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<SfuEvent> {
+        self.events.pop_front()
+    }
+
+    fn push_transmit(&mut self, to: SocketAddr, data: BytesMut) {
+        self.stats.datagrams_out += 1;
+        self.stats.bytes_out += data.len() as u64;
+        self.transmits.push_back(Transmit { to, data });
+    }
+
+    fn drain_writes(&mut self, peer: PeerId) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        while let Some(m) = p.pc.poll_write() {
+            self.stats.datagrams_out += 1;
+            self.stats.bytes_out += m.message.len() as u64;
+            self.transmits.push_back(Transmit {
+                to: m.transport.peer_addr,
+                data: m.message,
+            });
+        }
+    }
+
+    /// Everything a peer has to say after an input: events first (so tracks exist before their
+    /// packets), then media, then datagrams.
+    fn drain(&mut self, now: Instant, peer: PeerId) {
+        loop {
+            let Some(p) = self.peers.get_mut(&peer) else {
+                return;
+            };
+            let Some(ev) = p.pc.poll_event() else { break };
+            self.on_engine_event(now, peer, ev);
+        }
+        loop {
+            let Some(p) = self.peers.get_mut(&peer) else {
+                return;
+            };
+            let Some(msg) = p.pc.poll_read() else { break };
+            match msg.message {
+                RTCMessage::RtpPacket(track, pkt) => self.forward(now, peer, &track, pkt),
+                RTCMessage::RtcpPacket(track, pkts) => {
+                    let wants_keyframe = pkts.iter().any(|p| {
+                        p.as_any().is::<PictureLossIndication>()
+                            || p.as_any().is::<FullIntraRequest>()
+                    });
+                    let producer = self
+                        .peers
+                        .get(&peer)
+                        .and_then(|p| p.sender_tracks.get(&track).copied());
+                    if let (true, Some(producer)) = (wants_keyframe, producer) {
+                        self.request_keyframe(now, producer);
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.drain_writes(peer);
+    }
+
+    fn on_engine_event(&mut self, now: Instant, peer: PeerId, ev: RTCPeerConnectionEvent) {
+        match ev {
+            RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(init)) => {
+                let Some(p) = self.peers.get_mut(&peer) else {
+                    return;
+                };
+                if p.direction != Direction::Publish || p.producers.contains_key(&init.track_id) {
+                    return;
+                }
+                let Some(codec) =
+                    p.pc.rtp_receiver(init.receiver_id)
+                        .and_then(|r| r.track().codec(init.ssrc).cloned())
+                else {
+                    return;
+                };
+                let mid =
+                    p.pc.rtp_transceiver(RTCRtpTransceiverId::from(init.receiver_id))
+                        .and_then(|t| t.mid().clone());
+                let kind = if codec.mime_type.to_ascii_lowercase().starts_with("audio/") {
+                    MediaKind::Audio
+                } else {
+                    MediaKind::Video
+                };
+                let id = ProducerId(self.next_id + 1);
+                self.next_id += 1;
+                p.producers.insert(init.track_id.clone(), id);
+                let (router, owner) = (p.router.clone(), p.owner.clone());
+                self.producers.insert(
+                    id,
+                    Producer {
+                        router: router.clone(),
+                        peer,
+                        owner: owner.clone(),
+                        receiver: init.receiver_id,
+                        ssrc: init.ssrc,
+                        kind,
+                        codec,
+                        consumers: Vec::new(),
+                        last_pli: None,
+                    },
+                );
+                self.events.push_back(SfuEvent::ProducerAdded {
+                    router: router.clone(),
+                    peer,
+                    owner: owner.clone(),
+                    producer: id,
+                    kind,
+                    mid,
+                });
+                let subs: Vec<PeerId> = self
+                    .routers
+                    .get(&router)
+                    .into_iter()
+                    .flatten()
+                    .copied()
+                    .collect();
+                for sub in subs {
+                    let is_other_subscriber = self
+                        .peers
+                        .get(&sub)
+                        .is_some_and(|s| s.direction == Direction::Subscribe && s.owner != owner);
+                    if is_other_subscriber && self.add_consumer(id, sub).is_ok() {
+                        let _ = self.offer(now, sub);
+                    }
+                }
+            }
+            RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnClose(track)) => {
+                let producer = self
+                    .peers
+                    .get(&peer)
+                    .and_then(|p| p.producers.get(&track).copied());
+                if let Some(producer) = producer {
+                    self.remove_producer(now, producer);
+                }
+            }
+            RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => match state {
+                RTCPeerConnectionState::Connected => {
+                    let Some(p) = self.peers.get_mut(&peer) else {
+                        return;
+                    };
+                    p.connected = true;
+                    let wanted: Vec<ProducerId> = p.consumers.keys().copied().collect();
+                    self.events.push_back(SfuEvent::Connected { peer });
+                    // A new subscriber needs a keyframe to start decoding.
+                    for producer in wanted {
+                        self.request_keyframe(now, producer);
+                    }
+                }
+                RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed => {
+                    self.events.push_back(SfuEvent::Disconnected { peer });
+                }
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+
+    /// Sends one publisher packet to every consumer of its producer, rewritten for each.
+    fn forward(&mut self, now: Instant, from: PeerId, track: &str, pkt: rtc::rtp::Packet) {
+        self.stats.rtp_in += 1;
+        let Some(producer) = self
+            .peers
+            .get(&from)
+            .and_then(|p| p.producers.get(track).copied())
+        else {
+            return;
+        };
+        let Some(pr) = self.producers.get(&producer) else {
+            return;
+        };
+        for i in 0..pr.consumers.len() {
+            let Some(pr) = self.producers.get(&producer) else {
+                return;
+            };
+            let sub = pr.consumers[i];
+            let Some(p) = self.peers.get_mut(&sub) else {
+                continue;
+            };
+            if !p.connected {
+                continue;
+            }
+            let Some(c) = p.consumers.get_mut(&producer) else {
+                continue;
+            };
+            let Some((ssrc, pt)) = c.ssrc_pt else {
+                continue;
+            };
+            // Extension ids are per connection: drop the publisher's rather than mislabel them.
+            let header = rtc::rtp::header::Header {
+                version: pkt.header.version,
+                padding: false,
+                extension: false,
+                marker: pkt.header.marker,
+                payload_type: pt,
+                sequence_number: pkt.header.sequence_number,
+                timestamp: pkt.header.timestamp,
+                ssrc,
+                csrc: Vec::new(),
+                extension_profile: 0,
+                extensions: Vec::new(),
+                extensions_padding: 0,
+            };
+            let out = rtc::rtp::Packet {
+                header,
+                payload: pkt.payload.clone(),
+            };
+            let sender = c.sender;
+            let ok =
+                p.pc.rtp_sender(sender)
+                    .map(|mut s| s.write_rtp(now, out).is_ok())
+                    .unwrap_or(false);
+            if ok {
+                self.stats.rtp_forwarded += 1;
+            } else {
+                self.stats.forward_errors += 1;
+            }
+            self.drain_writes(sub);
+        }
+    }
+}
+
+fn sender_ssrc_pt(
+    pc: &mut RTCPeerConnection,
+    sender: RTCRtpSenderId,
+    mime: &str,
+) -> Option<(u32, u8)> {
+    let mut s = pc.rtp_sender(sender)?;
+    let ssrc = s.track().ssrcs().next()?;
+    let pt = s
+        .get_parameters()
+        .rtp_parameters
+        .codecs
+        .iter()
+        .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(mime))
+        .map(|c| c.payload_type)?;
+    Some((ssrc, pt))
+}

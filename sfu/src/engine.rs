@@ -1,0 +1,218 @@
+//! Building server-side peer connections on webrtc-rs's sans-IO `rtc`: codecs, interceptors,
+//! ICE-lite credentials and the one shared host candidate.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use rtc::interceptor::{Attribute, Interceptor, Packet, Slot, StreamInfo, TaggedPacket};
+use rtc::peer_connection::certificate::{CertificateParams, RTCCertificate};
+use rtc::peer_connection::configuration::RTCConfigurationBuilder;
+use rtc::peer_connection::configuration::interceptor_registry::{
+    Registry, register_default_interceptors,
+};
+use rtc::peer_connection::configuration::media_engine::{
+    MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_RTX, MIME_TYPE_VP8, MediaEngine,
+};
+use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
+use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCIceCandidate};
+use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
+use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RtpCodecKind,
+};
+use rtc::sansio::Protocol;
+
+pub type EngineError = rtc::shared::error::Error;
+
+fn video_feedback() -> Vec<RTCPFeedback> {
+    vec![
+        RTCPFeedback {
+            typ: "goog-remb".into(),
+            parameter: String::new(),
+        },
+        RTCPFeedback {
+            typ: "ccm".into(),
+            parameter: "fir".into(),
+        },
+    ]
+}
+
+pub fn opus() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: MIME_TYPE_OPUS.into(),
+        clock_rate: 48000,
+        channels: 2,
+        sdp_fmtp_line: "minptime=10;useinbandfec=1".into(),
+        rtcp_feedback: vec![],
+    }
+}
+
+pub fn vp8() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: MIME_TYPE_VP8.into(),
+        clock_rate: 90000,
+        channels: 0,
+        sdp_fmtp_line: String::new(),
+        rtcp_feedback: video_feedback(),
+    }
+}
+
+pub fn h264() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: MIME_TYPE_H264.into(),
+        clock_rate: 90000,
+        channels: 0,
+        sdp_fmtp_line: "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f"
+            .into(),
+        rtcp_feedback: video_feedback(),
+    }
+}
+
+fn rtx(apt: u8) -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: MIME_TYPE_RTX.into(),
+        clock_rate: 90000,
+        channels: 0,
+        sdp_fmtp_line: format!("apt={apt}"),
+        rtcp_feedback: vec![],
+    }
+}
+
+/// The codecs every server connection offers: Opus; VP8 and H.264, each with RTX.
+fn media_engine() -> Result<MediaEngine, EngineError> {
+    let mut m = MediaEngine::default();
+    let mut reg = |codec, payload_type, kind| {
+        m.register_codec(
+            RTCRtpCodecParameters {
+                rtp_codec: codec,
+                payload_type,
+            },
+            kind,
+        )
+    };
+    reg(opus(), 111, RtpCodecKind::Audio)?;
+    reg(vp8(), 96, RtpCodecKind::Video)?;
+    reg(rtx(96), 97, RtpCodecKind::Video)?;
+    reg(h264(), 102, RtpCodecKind::Video)?;
+    reg(rtx(102), 103, RtpCodecKind::Video)?;
+    Ok(m)
+}
+
+/// The engine's interceptor chain consumes inbound RTCP; this marks keyframe requests so that the
+/// SFU sees them in `poll_read` and can relay them to the publisher.
+#[derive(Default)]
+struct DeliverKeyframeRequests {
+    read: VecDeque<TaggedPacket>,
+    write: VecDeque<TaggedPacket>,
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverKeyframeRequests {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = EngineError;
+    type Time = Instant;
+
+    fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let Packet::Rtcp(pkts) = &msg.message.packet
+            && pkts.iter().any(|p| {
+                p.as_any().is::<PictureLossIndication>() || p.as_any().is::<FullIntraRequest>()
+            })
+        {
+            msg.message.add(Attribute::DeliverToApplication);
+        }
+        self.read.push_back(msg);
+        Ok(())
+    }
+    fn poll_read(&mut self) -> Option<TaggedPacket> {
+        self.read.pop_front()
+    }
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        self.write.push_back(msg);
+        Ok(())
+    }
+    fn poll_write(&mut self) -> Option<TaggedPacket> {
+        self.write.pop_front()
+    }
+    fn handle_timeout(&mut self, _now: Instant) -> Result<(), Self::Error> {
+        Ok(())
+    }
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        None
+    }
+}
+
+impl Interceptor for DeliverKeyframeRequests {
+    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
+}
+
+/// One DTLS certificate for every connection of this server (generating one per peer is slow).
+pub fn certificate() -> Result<RTCCertificate, String> {
+    let provider = rtc::crypto::default_provider().map_err(|e| e.to_string())?;
+    let params = CertificateParams::new(vec!["dangjian-sfu".into()]).map_err(|e| e.to_string())?;
+    RTCCertificate::generate(
+        provider.crypto(),
+        rtc::crypto::SignatureScheme::EcdsaP256Sha256,
+        params,
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// A server-side connection: ICE-lite with our own credentials (the ufrag routes STUN to it) and
+/// the shared socket's address as its only candidate.
+pub fn server_peer_connection(
+    now: Instant,
+    ufrag: &str,
+    pwd: &str,
+    advertised: SocketAddr,
+    cert: &RTCCertificate,
+) -> Result<RTCPeerConnection, EngineError> {
+    let mut me = media_engine()?;
+    let registry = Registry::new().with(Slot::from(14_000), DeliverKeyframeRequests::default());
+    let registry = register_default_interceptors(registry, &mut me)?;
+    let settings = SettingEngineBuilder::new()
+        .with_lite(true)
+        .with_ice_credentials(ufrag.into(), pwd.into())
+        .build();
+    let mut pc = RTCPeerConnectionBuilder::new()
+        .with_configuration(
+            RTCConfigurationBuilder::new()
+                .with_certificates(vec![cert.clone()])
+                .build(),
+        )
+        .with_media_engine(me)
+        .with_setting_engine(settings)
+        .with_interceptor_registry(registry)
+        .build(now)?;
+    let candidate = CandidateHostConfig {
+        base_config: CandidateConfig {
+            network: "udp".into(),
+            address: advertised.ip().to_string(),
+            port: advertised.port(),
+            component: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+    .new_candidate_host()?;
+    pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json()?)?;
+    Ok(pc)
+}
+
+/// The local ufrag of a STUN binding request (`USERNAME = "ours:theirs"`), if it is one.
+pub fn stun_local_ufrag(buf: &[u8]) -> Option<String> {
+    if buf.len() < 20 || buf[0] > 3 || buf[4..8] != [0x21, 0x12, 0xA4, 0x42] {
+        return None;
+    }
+    let mut m = rtc::stun::message::Message::new();
+    m.unmarshal_binary(buf).ok()?;
+    let u =
+        rtc::stun::textattrs::TextAttribute::get_from_as(&m, rtc::stun::attributes::ATTR_USERNAME)
+            .ok()?;
+    u.text.split(':').next().map(str::to_owned)
+}

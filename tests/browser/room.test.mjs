@@ -1,0 +1,84 @@
+// Members meet in a room: each browser decodes the others' video (read from getStats, not just a
+// <video> element present), and the participant lists follow joins and leaves.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { startServer, launchBrowser } from './harness.mjs';
+
+let server;
+let browser;
+
+before(async () => {
+  server = await startServer();
+  browser = await launchBrowser();
+});
+
+after(async () => {
+  await browser?.close();
+  await server?.stop();
+});
+
+async function join(room, identity, name) {
+  const context = await browser.newContext({ viewport: { width: 390, height: 844 } });
+  const page = await context.newPage();
+  page.on('console', (m) => { if (m.type() === 'error') console.log(`[${identity}]`, m.text()); });
+  await page.goto(`${server.url}/room/${room}?token=${server.token(room, identity, { name })}`);
+  await page.getByRole('button', { name: '加入会议' }).click();
+  await page.locator('#meeting').waitFor();
+  return { page, context };
+}
+
+/** Frames of remote video this page has decoded, per inbound track, from the browser's own stats. */
+async function framesDecoded(page) {
+  return page.evaluate(async () => {
+    const sub = window.__room.sub;
+    if (!sub) return [];
+    const stats = await sub.getStats();
+    const out = [];
+    stats.forEach((s) => { if (s.type === 'inbound-rtp' && s.kind === 'video') out.push(s.framesDecoded ?? 0); });
+    return out;
+  });
+}
+
+async function waitFor(what, fn, timeoutMs = 20_000) {
+  const end = Date.now() + timeoutMs;
+  let last;
+  while (Date.now() < end) {
+    last = await fn();
+    if (last) return last;
+    await new Promise((r) => setTimeout(r, 250));
+  }
+  throw new Error(`timed out waiting for ${what} (last: ${JSON.stringify(last)})`);
+}
+
+async function peopleList(page) {
+  return page.locator('#people-list li').evaluateAll((lis) => lis.map((li) => li.dataset.identity).sort());
+}
+
+test('two members see each other, a third comes and goes', async () => {
+  const a = await join('branch-1', 'alice', '张三');
+  const b = await join('branch-1', 'bob', '李四');
+
+  for (const [who, p] of [['alice', a.page], ['bob', b.page]]) {
+    const frames = await waitFor(`${who} decoding the other's video`, async () => {
+      const f = await framesDecoded(p);
+      return f.some((n) => n > 10) && f;
+    });
+    assert.ok(frames.some((n) => n > 10), `${who} decoded ${frames}`);
+  }
+  // Audio flows too.
+  const audio = await a.page.evaluate(async () => {
+    let packets = 0;
+    (await window.__room.sub.getStats()).forEach((s) => { if (s.type === 'inbound-rtp' && s.kind === 'audio') packets += s.packetsReceived; });
+    return packets;
+  });
+  assert.ok(audio > 0, 'alice receives bob\'s audio');
+
+  assert.deepEqual(await peopleList(a.page), ['alice', 'bob']);
+  const c = await join('branch-1', 'carol', '王五');
+  await waitFor('alice sees carol', async () => (await peopleList(a.page)).length === 3);
+  await waitFor('bob sees carol', async () => (await peopleList(b.page)).length === 3);
+  await c.page.getByRole('button', { name: '离开' }).click();
+  await waitFor('alice sees carol leave', async () => (await peopleList(a.page)).join() === 'alice,bob');
+  await waitFor('bob sees carol leave', async () => (await peopleList(b.page)).join() === 'alice,bob');
+  await Promise.all([a.context.close(), b.context.close(), c.context.close()]);
+});
