@@ -93,6 +93,9 @@ struct State {
     rooms: HashMap<String, Room>,
     /// Which participant owns each SFU peer.
     peers: HashMap<PeerId, (String, String)>,
+    /// Offers the SFU made for a subscriber peer before `join` registered it (it offers as soon
+    /// as the peer exists); delivered once it is registered.
+    early_offers: HashMap<PeerId, ServerMessage>,
 }
 
 /// A summary for the room service API and metrics.
@@ -250,9 +253,15 @@ impl Rooms {
         if !resumed {
             room.broadcast(None, &ServerMessage::ParticipantJoined { participant: you });
         }
+        let early = subscriber.and_then(|s| st.early_offers.remove(&s));
+        if let Some(offer) = early {
+            participant.send(offer);
+        }
+        let room = st.rooms.entry(room_name.clone()).or_default();
         room.participants.insert(identity, participant);
         for p in &old_peers {
             st.peers.remove(p);
+            st.early_offers.remove(p);
         }
         drop(st);
         for p in old_peers {
@@ -343,6 +352,7 @@ impl Rooms {
                 .collect::<Vec<_>>();
             for peer in &peers {
                 st.peers.remove(peer);
+                st.early_offers.remove(peer);
             }
             if empty {
                 self.expire_later(room_name.to_string());
@@ -593,16 +603,6 @@ impl Rooms {
                 r.broadcast(None, &ServerMessage::TrackUnpublished { track: id });
             }
             SfuEvent::SubscriberOffer { peer, sdp, tracks } => {
-                let Some((room, identity)) = st.peers.get(&peer).cloned() else {
-                    return;
-                };
-                let Some(p) = st
-                    .rooms
-                    .get(&room)
-                    .and_then(|r| r.participants.get(&identity))
-                else {
-                    return;
-                };
                 let tracks = tracks
                     .into_iter()
                     .map(|(mid, producer, participant)| MidTrack {
@@ -611,7 +611,20 @@ impl Rooms {
                         participant,
                     })
                     .collect();
-                p.send(ServerMessage::Offer { sdp, tracks });
+                let offer = ServerMessage::Offer { sdp, tracks };
+                let outbox = st
+                    .peers
+                    .get(&peer)
+                    .and_then(|(room, id)| st.rooms.get(room)?.participants.get(id))
+                    .map(|p| p.outbox.clone());
+                match outbox {
+                    Some(outbox) => {
+                        let _ = outbox.send(Outgoing::Message(offer));
+                    }
+                    None => {
+                        st.early_offers.insert(peer, offer);
+                    }
+                }
             }
             SfuEvent::Connected { peer } => tracing::debug!(?peer, "peer connected"),
             SfuEvent::Disconnected { peer } => tracing::debug!(?peer, "peer disconnected"),
