@@ -56,3 +56,37 @@ export async function launchBrowser() {
     ],
   });
 }
+
+/**
+ * A TCP relay in front of the server whose line can be cut: every open connection is dropped and
+ * new ones are refused until it is restored, as when a phone loses its network.
+ */
+export async function startRelay(targetUrl) {
+  const net = await import('node:net');
+  const target = new URL(targetUrl);
+  const sockets = new Set();
+  let cut = false;
+  const server = net.createServer((client) => {
+    if (cut) return client.destroy();
+    const upstream = net.connect(Number(target.port), target.hostname);
+    for (const s of [client, upstream]) {
+      sockets.add(s);
+      s.on('close', () => sockets.delete(s));
+      s.on('error', () => {});
+    }
+    client.pipe(upstream);
+    upstream.pipe(client);
+    client.on('close', () => upstream.destroy());
+    upstream.on('close', () => client.destroy());
+  });
+  await new Promise((r) => server.listen(0, '127.0.0.1', r));
+  return {
+    url: `http://127.0.0.1:${server.address().port}`,
+    cut() {
+      cut = true;
+      for (const s of sockets) s.destroy();
+    },
+    restore() { cut = false; },
+    close() { for (const s of sockets) s.destroy(); server.close(); },
+  };
+}

@@ -2,7 +2,7 @@
 // <video> element present), and the participant lists follow joins and leaves.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, launchBrowser } from './harness.mjs';
+import { startServer, launchBrowser, startRelay } from './harness.mjs';
 
 let server;
 let browser;
@@ -17,11 +17,10 @@ after(async () => {
   await server?.stop();
 });
 
-async function join(room, identity, name) {
+async function join(room, identity, name, base = server.url) {
   const context = await browser.newContext({ viewport: { width: 390, height: 844 } });
   const page = await context.newPage();
-  page.on('console', (m) => { if (m.type() === 'error') console.log(`[${identity}]`, m.text()); });
-  await page.goto(`${server.url}/room/${room}?token=${server.token(room, identity, { name })}`);
+  await page.goto(`${base}/room/${room}?token=${server.token(room, identity, { name })}`);
   await page.getByRole('button', { name: '加入会议' }).click();
   await page.locator('#meeting').waitFor();
   return { page, context };
@@ -81,4 +80,51 @@ test('two members see each other, a third comes and goes', async () => {
   await waitFor('alice sees carol leave', async () => (await peopleList(a.page)).join() === 'alice,bob');
   await waitFor('bob sees carol leave', async () => (await peopleList(b.page)).join() === 'alice,bob');
   await Promise.all([a.context.close(), b.context.close(), c.context.close()]);
+});
+
+/** Inbound video tracks this page decodes: how many have decoded more than `min` frames. */
+async function decodingTracks(page, min) {
+  return (await framesDecoded(page)).filter((n) => n > min).length;
+}
+
+test('a shared screen reaches the others', async () => {
+  const a = await join('branch-2', 'alice', '张三');
+  const b = await join('branch-2', 'bob', '李四');
+  await waitFor('bob decoding alice\'s camera', async () => (await decodingTracks(b.page, 5)) >= 1);
+  await a.page.getByRole('button', { name: '共享屏幕' }).click();
+  await waitFor('bob seeing alice\'s screen tile', async () => (await b.page.locator('.tile.screen').count()) === 1);
+  await waitFor('bob decoding camera and screen', async () => (await decodingTracks(b.page, 5)) >= 2);
+  // Stopping the share removes it for the others.
+  await a.page.getByRole('button', { name: '共享屏幕' }).click();
+  await waitFor('the screen tile going away', async () => (await b.page.locator('.tile.screen').count()) === 0);
+  await Promise.all([a.context.close(), b.context.close()]);
+});
+
+test('a member cut off for 5 s comes back without the others seeing a leave', async () => {
+  const relay = await startRelay(server.url);
+  const a = await join('branch-3', 'alice', '张三');
+  const b = await join('branch-3', 'bob', '李四', relay.url);
+  await waitFor('alice decoding bob', async () => (await decodingTracks(a.page, 5)) >= 1);
+  const before = await a.page.evaluate(() => window.__room.events.length);
+
+  relay.cut();
+  await waitFor('bob noticing the cut', () => b.page.locator('#banner').isVisible());
+  await new Promise((r) => setTimeout(r, 5000));
+  relay.restore();
+
+  await waitFor('bob back in the room', () => b.page.evaluate(() => window.__room.events.filter((e) => e === 'joined').length === 2));
+  await waitFor('bob\'s banner clearing', async () => !(await b.page.locator('#banner').isVisible()));
+  // Bob's new tracks reach alice and decode again: her decoded-frame count keeps rising.
+  await waitFor('alice decoding bob after the cut', async () => {
+    const total = async () => (await framesDecoded(a.page)).reduce((x, y) => x + y, 0);
+    const t0 = await total();
+    await new Promise((r) => setTimeout(r, 1000));
+    return (await total()) - t0 > 5;
+  }, 30_000);
+  const after = await a.page.evaluate((n) => window.__room.events.slice(n), before);
+  assert.ok(!after.includes('participant_left'), `alice saw no leave: ${after}`);
+  assert.ok(!after.includes('participant_joined'), `nor a second join: ${after}`);
+  assert.deepEqual(await peopleList(a.page), ['alice', 'bob']);
+  await Promise.all([a.context.close(), b.context.close()]);
+  relay.close();
 });

@@ -32,7 +32,7 @@ const events = [];
 
 // Tests read what the page really does through this object.
 // @ts-ignore
-window.__room = { get pub() { return pub; }, get sub() { return sub; }, participants, events, remoteTracks };
+window.__room = { get pub() { return pub; }, get sub() { return sub; }, get ws() { return ws; }, participants, events, remoteTracks };
 
 function send(/** @type {object} */ msg) {
   if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(msg));
