@@ -25,6 +25,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/room/{room}", get(room_page))
         .route("/rooms", get(rooms_page))
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .route(
             "/static/room.js",
             get(|| async {

@@ -20,6 +20,7 @@ use rtc::peer_connection::sdp::RTCSessionDescription;
 use rtc::peer_connection::state::RTCPeerConnectionState;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
 };
@@ -32,9 +33,14 @@ use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 
 use crate::RouterId;
 use crate::engine;
+use crate::forwarder::{self, Forwarder, Layer, LayerState, Verdict};
 
 /// Keyframe requests to one publisher are sent at most this often.
 pub const PLI_INTERVAL: Duration = Duration::from_millis(500);
+/// How often layer bitrates are measured and layers reassigned.
+pub const TICK: Duration = Duration::from_millis(500);
+/// A layer with no packet for this long is treated as off (paused or dropped by the publisher).
+pub const LAYER_IDLE: Duration = Duration::from_millis(1500);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PeerId(pub u64);
@@ -137,6 +143,7 @@ pub struct SfuStats {
     pub dropped_unknown: u64,
     pub forward_errors: u64,
     pub plis: u64,
+    pub layer_switches: u64,
 }
 
 struct Consumer {
@@ -145,6 +152,11 @@ struct Consumer {
     /// Known once the subscriber has answered.
     ssrc_pt: Option<(u32, u8)>,
     mime: String,
+    /// Video only: which simulcast layer this subscriber gets, and the rewriting that hides
+    /// switches. Audio passes through unchanged.
+    forwarder: Option<Forwarder>,
+    /// The highest layer the subscriber asked for (from the size it displays).
+    cap: Layer,
 }
 
 struct Peer {
@@ -161,6 +173,17 @@ struct Peer {
     awaiting_answer: bool,
     needs_offer: bool,
     connected: bool,
+    /// The subscriber's receive bandwidth estimate (REMB), shared by its video tracks.
+    estimate_bps: Option<u64>,
+}
+
+/// One simulcast layer (or the only stream) of a producer.
+struct ProducerLayer {
+    ssrc: u32,
+    bytes: u64,
+    bitrate_bps: u64,
+    last_packet: Option<Instant>,
+    last_pli: Option<Instant>,
 }
 
 struct Producer {
@@ -168,11 +191,68 @@ struct Producer {
     peer: PeerId,
     owner: String,
     receiver: RTCRtpReceiverId,
-    ssrc: u32,
+    /// Indexed by layer: 0 is the smallest picture. A plain track has one.
+    layers: Vec<Option<ProducerLayer>>,
     kind: MediaKind,
     codec: RTCRtpCodec,
     consumers: Vec<PeerId>,
-    last_pli: Option<Instant>,
+}
+
+impl Producer {
+    fn layer_of(&self, ssrc: u32) -> Option<Layer> {
+        self.layers
+            .iter()
+            .position(|l| l.as_ref().is_some_and(|l| l.ssrc == ssrc))
+            .map(|i| i as Layer)
+    }
+
+    fn layer_states(&self, now: Instant) -> [LayerState; 3] {
+        let mut out = [LayerState {
+            active: false,
+            bitrate_bps: 0,
+        }; 3];
+        for (i, l) in self.layers.iter().enumerate().take(3) {
+            if let Some(l) = l {
+                out[i] = LayerState {
+                    active: l
+                        .last_packet
+                        .is_some_and(|t| now.saturating_duration_since(t) < LAYER_IDLE),
+                    bitrate_bps: l.bitrate_bps,
+                };
+            }
+        }
+        out
+    }
+
+    fn is_keyframe_start(&self, payload: &[u8]) -> bool {
+        let mime = self.codec.mime_type.to_ascii_lowercase();
+        match mime.as_str() {
+            "video/vp8" => forwarder::vp8_keyframe_start(payload),
+            "video/h264" => forwarder::h264_keyframe_start(payload),
+            _ => false,
+        }
+    }
+}
+
+impl ProducerLayer {
+    fn new(ssrc: u32) -> ProducerLayer {
+        ProducerLayer {
+            ssrc,
+            bytes: 0,
+            bitrate_bps: 0,
+            last_packet: None,
+            last_pli: None,
+        }
+    }
+}
+
+/// The simulcast layer a RID names (Chrome's and LiveKit's conventions).
+fn layer_of_rid(rid: Option<&str>) -> Layer {
+    match rid {
+        Some("h" | "m" | "mid" | "1") => 1,
+        Some("f" | "high" | "2") => 2,
+        _ => 0,
+    }
 }
 
 pub struct SfuConfig {
@@ -192,6 +272,7 @@ pub struct Sfu {
     transmits: VecDeque<Transmit>,
     events: VecDeque<SfuEvent>,
     stats: SfuStats,
+    next_tick: Option<Instant>,
 }
 
 impl Sfu {
@@ -208,6 +289,7 @@ impl Sfu {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: SfuStats::default(),
+            next_tick: None,
         })
     }
 
@@ -260,6 +342,7 @@ impl Sfu {
                 awaiting_answer: false,
                 needs_offer: false,
                 connected: false,
+                estimate_bps: None,
             },
         );
         self.routers.entry(router.clone()).or_default().push(id);
@@ -322,6 +405,7 @@ impl Sfu {
         if again {
             self.offer(now, peer)?;
         }
+        self.allocate(now, peer);
         self.drain(now, peer);
         Ok(())
     }
@@ -383,20 +467,24 @@ impl Sfu {
         self.producers.get(&producer).map(|p| p.owner.as_str())
     }
 
-    /// Asks the publisher of `producer` for a keyframe (throttled).
-    pub fn request_keyframe(&mut self, now: Instant, producer: ProducerId) {
+    /// Asks the publisher of `producer` for a keyframe of `layer` (throttled per layer).
+    pub fn request_keyframe(&mut self, now: Instant, producer: ProducerId, layer: Layer) {
         let Some(pr) = self.producers.get_mut(&producer) else {
             return;
         };
-        if pr.kind != MediaKind::Video
-            || pr
-                .last_pli
-                .is_some_and(|t| now.duration_since(t) < PLI_INTERVAL)
+        if pr.kind != MediaKind::Video {
+            return;
+        }
+        let Some(l) = pr.layers.get_mut(layer as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        if l.last_pli
+            .is_some_and(|t| now.saturating_duration_since(t) < PLI_INTERVAL)
         {
             return;
         }
-        pr.last_pli = Some(now);
-        let (peer, receiver, ssrc) = (pr.peer, pr.receiver, pr.ssrc);
+        l.last_pli = Some(now);
+        let (peer, receiver, ssrc) = (pr.peer, pr.receiver, l.ssrc);
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
@@ -410,6 +498,72 @@ impl Sfu {
             }
         }
         self.drain_writes(peer);
+    }
+
+    /// The subscriber's wish for one video track: the highest layer it wants (0 = smallest).
+    pub fn set_preference(&mut self, now: Instant, peer: PeerId, producer: ProducerId, cap: Layer) {
+        if let Some(c) = self
+            .peers
+            .get_mut(&peer)
+            .and_then(|p| p.consumers.get_mut(&producer))
+        {
+            c.cap = cap.min(2);
+        }
+        self.allocate(now, peer);
+    }
+
+    /// Which layer each of a subscriber's video consumers should get now; asks for keyframes
+    /// where a switch is pending.
+    fn allocate(&mut self, now: Instant, peer: PeerId) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let videos = p
+            .consumers
+            .values()
+            .filter(|c| c.forwarder.is_some())
+            .count()
+            .max(1) as u64;
+        let budget = p.estimate_bps.map(|e| e / videos);
+        let mut wanted = Vec::new();
+        for (producer, c) in p.consumers.iter_mut() {
+            let (Some(f), Some(pr)) = (c.forwarder.as_mut(), self.producers.get(producer)) else {
+                continue;
+            };
+            let target = forwarder::select_layer(&pr.layer_states(now), c.cap, budget);
+            if target != f.target() && f.set_target(target) {
+                self.stats.layer_switches += 1;
+            }
+            // Keep asking (throttled) until the switch has happened.
+            if let Some(t) = target
+                && f.current() != Some(t)
+            {
+                wanted.push((*producer, t));
+            }
+        }
+        for (producer, layer) in wanted {
+            self.request_keyframe(now, producer, layer);
+        }
+    }
+
+    /// Measures layer bitrates and reassigns layers, every [`TICK`].
+    fn tick(&mut self, now: Instant) {
+        let secs = TICK.as_secs_f64();
+        for pr in self.producers.values_mut() {
+            for l in pr.layers.iter_mut().flatten() {
+                l.bitrate_bps = (l.bytes as f64 * 8.0 / secs) as u64;
+                l.bytes = 0;
+            }
+        }
+        let subs: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.direction == Direction::Subscribe)
+            .map(|(id, _)| *id)
+            .collect();
+        for sub in subs {
+            self.allocate(now, sub);
+        }
     }
 
     fn add_consumer(&mut self, producer: ProducerId, sub: PeerId) -> Result<(), SfuError> {
@@ -457,7 +611,9 @@ impl Sfu {
                 sender,
                 transceiver,
                 ssrc_pt: None,
+                forwarder: (kind == MediaKind::Video).then(|| Forwarder::new(codec.clock_rate)),
                 mime: codec.mime_type,
+                cap: 2,
             },
         );
         p.sender_tracks.insert(track_id, producer);
@@ -542,13 +698,27 @@ impl Sfu {
     }
 
     pub fn poll_timeout(&mut self) -> Option<Instant> {
+        let tick = if self.producers.is_empty() {
+            None
+        } else {
+            self.next_tick
+        };
         self.peers
             .values_mut()
             .filter_map(|p| p.pc.poll_timeout())
+            .chain(tick)
             .min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.producers.is_empty() {
+            self.next_tick = None;
+        } else if self.next_tick.is_none_or(|t| t <= now) {
+            if self.next_tick.is_some() {
+                self.tick(now);
+            }
+            self.next_tick = Some(now + TICK);
+        }
         let due: Vec<PeerId> = self
             .peers
             .iter_mut()
@@ -613,22 +783,46 @@ impl Sfu {
             match msg.message {
                 RTCMessage::RtpPacket(track, pkt) => self.forward(now, peer, &track, pkt),
                 RTCMessage::RtcpPacket(track, pkts) => {
-                    let wants_keyframe = pkts.iter().any(|p| {
-                        p.as_any().is::<PictureLossIndication>()
-                            || p.as_any().is::<FullIntraRequest>()
-                    });
-                    let producer = self
-                        .peers
-                        .get(&peer)
-                        .and_then(|p| p.sender_tracks.get(&track).copied());
-                    if let (true, Some(producer)) = (wants_keyframe, producer) {
-                        self.request_keyframe(now, producer);
-                    }
+                    self.on_subscriber_rtcp(now, peer, &track, &pkts)
                 }
                 _ => {}
             }
         }
         self.drain_writes(peer);
+    }
+
+    fn on_subscriber_rtcp(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        track: &str,
+        pkts: &[Box<dyn rtc::rtcp::Packet>],
+    ) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        for pkt in pkts {
+            if let Some(remb) = pkt
+                .as_any()
+                .downcast_ref::<ReceiverEstimatedMaximumBitrate>()
+            {
+                p.estimate_bps = Some(remb.bitrate as u64);
+            }
+        }
+        let wants_keyframe = pkts.iter().any(|p| {
+            p.as_any().is::<PictureLossIndication>() || p.as_any().is::<FullIntraRequest>()
+        });
+        let Some(producer) = p.sender_tracks.get(track).copied() else {
+            return;
+        };
+        let layer = p
+            .consumers
+            .get(&producer)
+            .and_then(|c| c.forwarder.as_ref())
+            .and_then(|f| f.current().or(f.target()));
+        if wants_keyframe {
+            self.request_keyframe(now, producer, layer.unwrap_or(0));
+        }
     }
 
     fn on_engine_event(&mut self, now: Instant, peer: PeerId, ev: RTCPeerConnectionEvent) {
@@ -637,7 +831,20 @@ impl Sfu {
                 let Some(p) = self.peers.get_mut(&peer) else {
                     return;
                 };
-                if p.direction != Direction::Publish || p.producers.contains_key(&init.track_id) {
+                if p.direction != Direction::Publish {
+                    return;
+                }
+                let layer = layer_of_rid(init.rid.as_deref()) as usize;
+                // Another simulcast layer of a track we know (or the same one again after a
+                // renegotiation).
+                if let Some(id) = p.producers.get(&init.track_id).copied() {
+                    if let Some(pr) = self.producers.get_mut(&id)
+                        && pr.layer_of(init.ssrc).is_none()
+                    {
+                        pr.layers
+                            .resize_with(pr.layers.len().max(layer + 1), || None);
+                        pr.layers[layer] = Some(ProducerLayer::new(init.ssrc));
+                    }
                     return;
                 }
                 let Some(codec) =
@@ -665,13 +872,18 @@ impl Sfu {
                         peer,
                         owner: owner.clone(),
                         receiver: init.receiver_id,
-                        ssrc: init.ssrc,
+                        layers: {
+                            let mut layers: Vec<Option<ProducerLayer>> =
+                                (0..=layer).map(|_| None).collect();
+                            layers[layer] = Some(ProducerLayer::new(init.ssrc));
+                            layers
+                        },
                         kind,
                         codec,
                         consumers: Vec::new(),
-                        last_pli: None,
                     },
                 );
+                self.next_tick.get_or_insert(now + TICK);
                 self.events.push_back(SfuEvent::ProducerAdded {
                     router: router.clone(),
                     peer,
@@ -712,12 +924,10 @@ impl Sfu {
                         return;
                     };
                     p.connected = true;
-                    let wanted: Vec<ProducerId> = p.consumers.keys().copied().collect();
                     self.events.push_back(SfuEvent::Connected { peer });
-                    // A new subscriber needs a keyframe to start decoding.
-                    for producer in wanted {
-                        self.request_keyframe(now, producer);
-                    }
+                    // A new subscriber needs a keyframe to start decoding: allocation picks its
+                    // layers and asks for one on each.
+                    self.allocate(now, peer);
                 }
                 RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed => {
                     self.events.push_back(SfuEvent::Disconnected { peer });
@@ -738,9 +948,20 @@ impl Sfu {
         else {
             return;
         };
-        let Some(pr) = self.producers.get(&producer) else {
+        let Some(pr) = self.producers.get_mut(&producer) else {
             return;
         };
+        let Some(layer) = pr.layer_of(pkt.header.ssrc) else {
+            return;
+        };
+        if let Some(l) = pr.layers[layer as usize].as_mut() {
+            l.bytes += pkt.payload.len() as u64;
+            l.last_packet = Some(now);
+        }
+        // With one layer there is nothing to switch between: any packet may start the stream
+        // (the subscriber's decoder asks for a keyframe itself if it needs one).
+        let keyframe = pr.layers.len() == 1
+            || (pr.kind == MediaKind::Video && pr.is_keyframe_start(&pkt.payload));
         for i in 0..pr.consumers.len() {
             let Some(pr) = self.producers.get(&producer) else {
                 return;
@@ -758,6 +979,19 @@ impl Sfu {
             let Some((ssrc, pt)) = c.ssrc_pt else {
                 continue;
             };
+            let (seq, ts) = match c.forwarder.as_mut() {
+                None => (pkt.header.sequence_number, pkt.header.timestamp),
+                Some(f) => match f.on_packet(
+                    now,
+                    layer,
+                    pkt.header.sequence_number,
+                    pkt.header.timestamp,
+                    keyframe,
+                ) {
+                    Verdict::Send { seq, ts } => (seq, ts),
+                    Verdict::Drop => continue,
+                },
+            };
             // Extension ids are per connection: drop the publisher's rather than mislabel them.
             let header = rtc::rtp::header::Header {
                 version: pkt.header.version,
@@ -765,8 +999,8 @@ impl Sfu {
                 extension: false,
                 marker: pkt.header.marker,
                 payload_type: pt,
-                sequence_number: pkt.header.sequence_number,
-                timestamp: pkt.header.timestamp,
+                sequence_number: seq,
+                timestamp: ts,
                 ssrc,
                 csrc: Vec::new(),
                 extension_profile: 0,

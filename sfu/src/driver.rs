@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::RouterId;
 use crate::core::{Direction, PeerId, ProducerId, Sfu, SfuConfig, SfuError, SfuEvent, SfuStats};
+use crate::forwarder::Layer;
 
 enum Command {
     CreatePeer {
@@ -34,6 +35,11 @@ enum Command {
     },
     RemoveProducer {
         producer: ProducerId,
+    },
+    SetPreference {
+        peer: PeerId,
+        producer: ProducerId,
+        layer: Layer,
     },
     Stats {
         reply: oneshot::Sender<Snapshot>,
@@ -107,6 +113,15 @@ impl SfuHandle {
         let _ = self.tx.send(Command::RemoveProducer { producer });
     }
 
+    /// The highest simulcast layer `peer` wants of `producer` (0 = smallest picture).
+    pub fn set_preference(&self, peer: PeerId, producer: ProducerId, layer: Layer) {
+        let _ = self.tx.send(Command::SetPreference {
+            peer,
+            producer,
+            layer,
+        });
+    }
+
     pub async fn snapshot(&self) -> Snapshot {
         self.ask(|reply| Command::Stats { reply })
             .await
@@ -174,6 +189,7 @@ async fn run(
                     }
                     Command::ClosePeer { peer } => sfu.close_peer(now, peer),
                     Command::RemoveProducer { producer } => sfu.remove_producer(now, producer),
+                    Command::SetPreference { peer, producer, layer } => sfu.set_preference(now, peer, producer, layer),
                     Command::Stats { reply } => {
                         let _ = reply.send(Snapshot {
                             stats: sfu.stats(),

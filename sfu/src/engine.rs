@@ -19,6 +19,7 @@ use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCI
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RtpCodecKind,
 };
@@ -100,8 +101,9 @@ fn media_engine() -> Result<MediaEngine, EngineError> {
     Ok(m)
 }
 
-/// The engine's interceptor chain consumes inbound RTCP; this marks keyframe requests so that the
-/// SFU sees them in `poll_read` and can relay them to the publisher.
+/// The engine's interceptor chain consumes inbound RTCP; this marks keyframe requests and REMB
+/// estimates so that the SFU sees them in `poll_read` (to relay them to the publisher, and to
+/// choose simulcast layers).
 #[derive(Default)]
 struct DeliverKeyframeRequests {
     read: VecDeque<TaggedPacket>,
@@ -118,7 +120,10 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverKeyframeRequests {
     fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
         if let Packet::Rtcp(pkts) = &msg.message.packet
             && pkts.iter().any(|p| {
-                p.as_any().is::<PictureLossIndication>() || p.as_any().is::<FullIntraRequest>()
+                let p = p.as_any();
+                p.is::<PictureLossIndication>()
+                    || p.is::<FullIntraRequest>()
+                    || p.is::<ReceiverEstimatedMaximumBitrate>()
             })
         {
             msg.message.add(Attribute::DeliverToApplication);

@@ -13,9 +13,10 @@ use axum::routing::get;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
-use crate::protocol::{ClientMessage, ErrorCode, ServerMessage, parse_client};
+use crate::protocol::{ClientMessage, ErrorCode, Quality, ServerMessage, parse_client};
 use crate::room::{Outgoing, RoomError, Rooms};
 use crate::token::{Claims, TokenError};
+use sfu::core::ProducerId;
 
 /// Largest text frame a client may send (an SDP offer with many tracks fits easily).
 pub const MAX_MESSAGE: usize = 64 * 1024;
@@ -215,8 +216,24 @@ impl Session {
                     format!("you publish no track `{track}`"),
                 ),
             },
-            // Every participant receives every track for now; preferences arrive with simulcast.
-            ClientMessage::Subscribe { .. } => {}
+            // Every participant receives every track; the preference caps the simulcast layer.
+            ClientMessage::Subscribe { track, quality, .. } => {
+                let (Some(peer), Some(producer)) = (
+                    self.rooms.subscriber_peer(room, me),
+                    ProducerId::parse(&track),
+                ) else {
+                    return self.error(
+                        ErrorCode::NotFound,
+                        format!("no track `{track}` to subscribe to"),
+                    );
+                };
+                let layer = match quality {
+                    Quality::Low => 0,
+                    Quality::Medium => 1,
+                    Quality::High => 2,
+                };
+                self.rooms.sfu().set_preference(peer, producer, layer);
+            }
             ClientMessage::Chat { text } => {
                 if !g.data {
                     return self.error(

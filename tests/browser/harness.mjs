@@ -32,6 +32,7 @@ export async function startServer(env = {}) {
     dir,
     /** A media access token signed with this server's key, from `dangjian token`. */
     token(room, identity, { name = identity, grant = 'publish,subscribe,data' } = {}) {
+      grant ??= 'publish,subscribe,data';
       const out = execFileSync(bin, ['token', '--data', dir, '--room', room, '--identity', identity, '--name', name, '--grant', grant]);
       return out.toString().trim();
     },

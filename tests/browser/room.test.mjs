@@ -17,10 +17,10 @@ after(async () => {
   await server?.stop();
 });
 
-async function join(room, identity, name, base = server.url) {
-  const context = await browser.newContext({ viewport: { width: 390, height: 844 } });
+async function join(room, identity, name, base = server.url, viewport = { width: 390, height: 844 }, grant = undefined) {
+  const context = await browser.newContext({ viewport });
   const page = await context.newPage();
-  await page.goto(`${base}/room/${room}?token=${server.token(room, identity, { name })}`);
+  await page.goto(`${base}/room/${room}?token=${server.token(room, identity, { name, grant })}`);
   await page.getByRole('button', { name: '加入会议' }).click();
   await page.locator('#meeting').waitFor();
   return { page, context };
@@ -127,4 +127,38 @@ test('a member cut off for 5 s comes back without the others seeing a leave', as
   assert.deepEqual(await peopleList(a.page), ['alice', 'bob']);
   await Promise.all([a.context.close(), b.context.close()]);
   relay.close();
+});
+
+/** Width of the remote video this page decodes (the simulcast layer it gets). */
+async function decodedWidth(page) {
+  return page.evaluate(async () => {
+    let width = 0;
+    (await window.__room.sub.getStats()).forEach((s) => {
+      if (s.type === 'inbound-rtp' && s.kind === 'video' && (s.framesDecoded ?? 0) > 0) width = Math.max(width, s.frameWidth ?? 0);
+    });
+    return width;
+  });
+}
+
+test('each viewer gets the simulcast layer that fits its screen', async () => {
+  const desktop = { width: 1600, height: 900 };
+  const a = await join('branch-4', 'alice', '张三', server.url, desktop);
+  // Only alice publishes: three encoders on two cores would starve each other.
+  const b = await join('branch-4', 'bob', '李四', server.url, desktop, 'subscribe');
+  const c = await join('branch-4', 'carol', '王五', server.url, undefined, 'subscribe');
+  const publishes = await waitFor('alice sending two layers', () => a.page.evaluate(async () => {
+    const layers = [];
+    (await window.__room.pub.getStats()).forEach((s) => {
+      if (s.type === 'outbound-rtp' && s.kind === 'video' && s.bytesSent > 0) layers.push(s.frameWidth);
+    });
+    return layers.length >= 2 && layers;
+  }));
+  // The encoder may shrink every layer when the machine is busy, so compare the two viewers
+  // rather than expect fixed sizes: the desktop gets the larger layer, the phone the smaller.
+  const [big, small] = await waitFor('desktop and phone on different layers', async () => {
+    const [b1, c1] = [await decodedWidth(b.page), await decodedWidth(c.page)];
+    return c1 > 0 && b1 > c1 && [b1, c1];
+  }, 40_000);
+  assert.ok(big > small, `desktop ${big} px, phone ${small} px (alice sends ${publishes})`);
+  await Promise.all([a.context.close(), b.context.close(), c.context.close()]);
 });

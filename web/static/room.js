@@ -8,6 +8,13 @@ const token = app.dataset.token ?? '';
 const $ = (/** @type {string} */ id) => /** @type {HTMLElement} */ (document.getElementById(id));
 
 const RECONNECT_WINDOW_MS = 30_000;
+const SIMULCAST = [
+  { rid: 'q', scaleResolutionDownBy: 4, maxBitrate: 150_000 },
+  { rid: 'h', scaleResolutionDownBy: 2, maxBitrate: 500_000 },
+  { rid: 'f', maxBitrate: 1_500_000 },
+];
+/** track id → the quality last asked of the server */
+const asked = new Map();
 
 /** @type {WebSocket | null} */ let ws = null;
 /** @type {RTCPeerConnection | null} */ let pub = null;
@@ -148,7 +155,10 @@ function publishLocal() {
   const you = participants.get(me);
   if (you && !you.can_publish) return;
   for (const t of camStream?.getTracks() ?? []) {
-    pub.addTransceiver(t, { direction: 'sendonly', streams: [camStream] });
+    // Camera video goes out in three sizes (simulcast); the server gives each viewer the one that
+    // fits its window and its bandwidth.
+    const sendEncodings = t.kind === 'video' ? SIMULCAST : undefined;
+    pub.addTransceiver(t, { direction: 'sendonly', streams: [camStream], sendEncodings });
   }
   for (const t of screenStream?.getVideoTracks() ?? []) {
     pub.addTransceiver(t, { direction: 'sendonly' });
@@ -292,9 +302,25 @@ function render() {
       (w.p.name || w.p.identity) + (w.local ? '（我）' : '') + (w.screen ? ' · 屏幕共享' : '');
   }
   grid.className = 'grid ' + (wanted.size >= 5 ? 'many' : 'n' + wanted.size);
+  askQualities();
   playAudio();
   renderPeople();
 }
+
+/** Asks for the simulcast layer that fits each remote video as it is displayed. */
+function askQualities() {
+  for (const tile of /** @type {NodeListOf<HTMLElement>} */ (document.querySelectorAll('.tile'))) {
+    const track = tile.dataset.key ?? '';
+    if (!track.startsWith('TR_')) continue;
+    const width = tile.clientWidth * (window.devicePixelRatio || 1);
+    const quality = width >= 960 ? 'high' : width >= 400 ? 'medium' : 'low';
+    if (asked.get(track) !== quality) {
+      asked.set(track, quality);
+      send({ type: 'subscribe', track, subscribe: true, quality });
+    }
+  }
+}
+window.addEventListener('resize', () => askQualities());
 
 function playAudio() {
   const keep = new Set();
