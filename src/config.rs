@@ -45,6 +45,17 @@ pub struct Layer {
     pub log_format: Option<String>,
     pub rtc_udp: Option<String>,
     pub rtc_public_ip: Option<String>,
+    /// STUN/TURN servers handed to browsers (TOML array of tables; JSON in the environment).
+    pub ice_servers: Option<Vec<IceServerConfig>>,
+}
+
+/// One STUN or TURN server for clients, e.g. `{ urls = ["turn:turn.example:3478"], username = "u", credential = "p" }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IceServerConfig {
+    pub urls: Vec<String>,
+    pub username: Option<String>,
+    pub credential: Option<Secret>,
 }
 
 const ENV_KEYS: &[&str] = &[
@@ -60,6 +71,7 @@ const ENV_KEYS: &[&str] = &[
     "log_format",
     "rtc_udp",
     "rtc_public_ip",
+    "ice_servers",
 ];
 
 /// Environment variables with our prefix that are not configuration keys.
@@ -89,6 +101,7 @@ pub struct Config {
     /// The address clients are told to send media to (NAT 1:1, or the host's address when the
     /// socket listens on all interfaces).
     pub rtc_public_ip: Option<IpAddr>,
+    pub ice_servers: Vec<IceServerConfig>,
 }
 
 impl Layer {
@@ -130,7 +143,12 @@ impl Layer {
             } else {
                 continue;
             };
-            let v = if key == "secure_cookies" {
+            let v = if key == "ice_servers" {
+                let json: serde_json::Value = serde_json::from_str(&value)
+                    .with_context(|| format!("`{name}` must be a JSON array of servers"))?;
+                toml::Value::try_from(json)
+                    .with_context(|| format!("`{name}` must be a JSON array of servers"))?
+            } else if key == "secure_cookies" {
                 toml::Value::Boolean(
                     parse_bool(&value)
                         .with_context(|| format!("`{name}` must be true or false"))?,
@@ -163,6 +181,7 @@ impl Layer {
             log_format: over.log_format.or(self.log_format),
             rtc_udp: over.rtc_udp.or(self.rtc_udp),
             rtc_public_ip: over.rtc_public_ip.or(self.rtc_public_ip),
+            ice_servers: over.ice_servers.or(self.ice_servers),
         }
     }
 
@@ -220,6 +239,20 @@ impl Layer {
                 "configuration key `rtc_udp`: `{rtc_udp}` is not an address like 0.0.0.0:7882"
             )
         })?;
+        let ice_servers = self.ice_servers.unwrap_or_default();
+        for s in &ice_servers {
+            let ok = !s.urls.is_empty()
+                && s.urls.iter().all(|u| {
+                    ["stun:", "turn:", "turns:"]
+                        .iter()
+                        .any(|p| u.starts_with(p))
+                });
+            if !ok {
+                bail!(
+                    "configuration key `ice_servers`: each server needs urls starting with stun:, turn: or turns:"
+                );
+            }
+        }
         let rtc_public_ip = match self.rtc_public_ip.as_deref() {
             None => None,
             Some(s) => Some(s.parse::<IpAddr>().map_err(|_| {
@@ -239,6 +272,7 @@ impl Layer {
             log_format,
             rtc_udp,
             rtc_public_ip,
+            ice_servers,
         })
     }
 }
@@ -320,6 +354,34 @@ mod tests {
             .contains("database_url")
         );
         assert!(env(&[("DANGJIAN_SECURE_COOKIES", "maybe")]).is_err());
+    }
+
+    #[test]
+    fn ice_servers_come_from_toml_or_json_and_are_checked() {
+        let file: Layer = toml::from_str(
+            "[[ice_servers]]\nurls = [\"turn:127.0.0.1:3478\"]\nusername = \"u\"\ncredential = \"turnpw\"\n",
+        )
+        .unwrap();
+        let c = file.resolve().unwrap();
+        assert_eq!(c.ice_servers[0].urls, ["turn:127.0.0.1:3478"]);
+        assert!(
+            !format!("{c:?}").contains("turnpw"),
+            "TURN credentials are secrets"
+        );
+        let from_env = env(&[(
+            "DANGJIAN_ICE_SERVERS",
+            r#"[{"urls":["stun:127.0.0.1:3478"]}]"#,
+        )])
+        .unwrap();
+        assert_eq!(from_env.resolve().unwrap().ice_servers.len(), 1);
+        assert!(env(&[("DANGJIAN_ICE_SERVERS", "not json")]).is_err());
+        let bad = env(&[("DANGJIAN_ICE_SERVERS", r#"[{"urls":["http://x"]}]"#)]).unwrap();
+        assert!(
+            bad.resolve()
+                .unwrap_err()
+                .to_string()
+                .contains("ice_servers")
+        );
     }
 
     #[test]

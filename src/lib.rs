@@ -13,6 +13,7 @@ use anyhow::Context;
 use portal::AppState;
 use portal::db::Db;
 use portal::storage::{S3Keys, Storage};
+use signaling::protocol::IceServer;
 use signaling::room::{Rooms, RoomsConfig};
 use signaling::token::TokenKey;
 use tokio::net::TcpListener;
@@ -131,7 +132,23 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     let (sfu, sfu_events) = sfu::driver::start(config.rtc_udp, public_ip)
         .await
         .with_context(|| format!("cannot open the media socket {}", config.rtc_udp))?;
-    let rooms = Rooms::new(RoomsConfig::default(), tokens.clone(), sfu.clone());
+    let ice_servers = config
+        .ice_servers
+        .iter()
+        .map(|s| IceServer {
+            urls: s.urls.clone(),
+            username: s.username.clone(),
+            credential: s.credential.as_ref().map(|c| c.expose().to_string()),
+        })
+        .collect();
+    let rooms = Rooms::new(
+        RoomsConfig {
+            ice_servers,
+            ..RoomsConfig::default()
+        },
+        tokens.clone(),
+        sfu.clone(),
+    );
     tokio::spawn(rooms.clone().run_events(sfu_events));
     let state = AppState::new(
         db.clone(),

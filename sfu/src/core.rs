@@ -122,6 +122,11 @@ pub enum SfuEvent {
     Disconnected {
         peer: PeerId,
     },
+    /// Who is speaking in a router now, loudest first (sent when it changes).
+    ActiveSpeakers {
+        router: RouterId,
+        speakers: Vec<String>,
+    },
 }
 
 /// A datagram to send from the shared socket.
@@ -196,6 +201,12 @@ struct Producer {
     kind: MediaKind,
     codec: RTCRtpCodec,
     consumers: Vec<PeerId>,
+    /// Audio: the negotiated id of the audio-level extension, and the levels seen since the
+    /// last tick (in -dBov: 0 is loudest, 127 silence).
+    audio_level_id: Option<u8>,
+    level_sum: u32,
+    level_count: u32,
+    loud_count: u32,
 }
 
 impl Producer {
@@ -273,7 +284,15 @@ pub struct Sfu {
     events: VecDeque<SfuEvent>,
     stats: SfuStats,
     next_tick: Option<Instant>,
+    speakers: HashMap<RouterId, Vec<String>>,
+    rx: BytesMut,
 }
+
+/// Size of the receive arena that incoming datagrams are copied into.
+const RX_ARENA: usize = 64 * 1024;
+
+/// Audio level (in -dBov) below which a packet counts as loud.
+pub const SPEAKING_LEVEL: u32 = 50;
 
 impl Sfu {
     pub fn new(config: SfuConfig) -> Result<Sfu, SfuError> {
@@ -290,6 +309,8 @@ impl Sfu {
             events: VecDeque::new(),
             stats: SfuStats::default(),
             next_tick: None,
+            speakers: HashMap::new(),
+            rx: BytesMut::with_capacity(RX_ARENA),
         })
     }
 
@@ -546,6 +567,44 @@ impl Sfu {
         }
     }
 
+    /// Active speakers per router from the levels of the last tick; an event when they change.
+    fn detect_speakers(&mut self) {
+        let mut now_speaking: HashMap<RouterId, Vec<(u32, String)>> = HashMap::new();
+        for pr in self.producers.values_mut() {
+            if pr.kind != MediaKind::Audio {
+                continue;
+            }
+            // Speech comes in bursts: someone speaks when a fair share of the window was loud.
+            let (sum, loud, total) = (pr.level_sum, pr.loud_count, pr.level_count);
+            (pr.level_sum, pr.loud_count, pr.level_count) = (0, 0, 0);
+            let list = now_speaking.entry(pr.router.clone()).or_default();
+            if total > 0 && loud * 5 >= total && !list.iter().any(|(_, o)| *o == pr.owner) {
+                list.push((sum / total, pr.owner.clone()));
+            }
+        }
+        let routers: Vec<RouterId> = now_speaking
+            .keys()
+            .chain(self.speakers.keys())
+            .cloned()
+            .collect();
+        for router in routers {
+            let mut list = now_speaking.remove(&router).unwrap_or_default();
+            list.sort();
+            let speakers: Vec<String> = list.into_iter().map(|(_, o)| o).collect();
+            let before = self.speakers.get(&router).cloned().unwrap_or_default();
+            if before == speakers {
+                continue;
+            }
+            if speakers.is_empty() {
+                self.speakers.remove(&router);
+            } else {
+                self.speakers.insert(router.clone(), speakers.clone());
+            }
+            self.events
+                .push_back(SfuEvent::ActiveSpeakers { router, speakers });
+        }
+    }
+
     /// Measures layer bitrates and reassigns layers, every [`TICK`].
     fn tick(&mut self, now: Instant) {
         let secs = TICK.as_secs_f64();
@@ -555,6 +614,7 @@ impl Sfu {
                 l.bytes = 0;
             }
         }
+        self.detect_speakers();
         let subs: Vec<PeerId> = self
             .peers
             .iter()
@@ -678,6 +738,10 @@ impl Sfu {
         // A STUN check with the right ufrag from a new address binds that address (ICE picks
         // the pair; a later check from elsewhere, as after a network change, rebinds).
         self.by_addr.entry(from).or_insert(peer);
+        if !self.peers.contains_key(&peer) {
+            return;
+        }
+        let message = self.take_rx(data);
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
@@ -689,7 +753,7 @@ impl Sfu {
                 ecn: None,
                 transport_protocol: TransportProtocol::UDP,
             },
-            message: BytesMut::from(data),
+            message,
         };
         if p.pc.handle_read(msg).is_err() {
             self.stats.dropped_unknown += 1;
@@ -735,6 +799,16 @@ impl Sfu {
             }
             self.drain(now, id);
         }
+    }
+
+    /// Copies a datagram into the receive arena. Buffers come back to the arena once the engine
+    /// drops them, so steady traffic needs no new allocation per datagram.
+    fn take_rx(&mut self, data: &[u8]) -> BytesMut {
+        if self.rx.capacity() < data.len() {
+            self.rx.reserve(RX_ARENA.max(data.len()));
+        }
+        self.rx.extend_from_slice(data);
+        self.rx.split()
     }
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
@@ -861,6 +935,14 @@ impl Sfu {
                 } else {
                     MediaKind::Video
                 };
+                let audio_level_id = p.pc.rtp_receiver(init.receiver_id).and_then(|mut r| {
+                    r.get_parameters()
+                        .rtp_parameters
+                        .header_extensions
+                        .iter()
+                        .find(|e| e.uri == engine::AUDIO_LEVEL_URI)
+                        .and_then(|e| u8::try_from(e.id).ok())
+                });
                 let id = ProducerId(self.next_id + 1);
                 self.next_id += 1;
                 p.producers.insert(init.track_id.clone(), id);
@@ -881,6 +963,10 @@ impl Sfu {
                         kind,
                         codec,
                         consumers: Vec::new(),
+                        audio_level_id,
+                        level_sum: 0,
+                        level_count: 0,
+                        loud_count: 0,
                     },
                 );
                 self.next_tick.get_or_insert(now + TICK);
@@ -957,6 +1043,16 @@ impl Sfu {
         if let Some(l) = pr.layers[layer as usize].as_mut() {
             l.bytes += pkt.payload.len() as u64;
             l.last_packet = Some(now);
+        }
+        if let Some(level) = pr
+            .audio_level_id
+            .and_then(|id| pkt.header.get_extension(id))
+            .and_then(|b| b.first().copied())
+        {
+            let level = u32::from(level & 0x7f);
+            pr.level_sum += level;
+            pr.level_count += 1;
+            pr.loud_count += u32::from(level < SPEAKING_LEVEL);
         }
         // With one layer there is nothing to switch between: any packet may start the stream
         // (the subscriber's decoder asks for a keyframe itself if it needs one).

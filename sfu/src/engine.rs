@@ -21,7 +21,7 @@ use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
 use rtc::rtp_transceiver::rtp_sender::{
-    RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RtpCodecKind,
+    RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpHeaderExtensionCapability, RtpCodecKind,
 };
 use rtc::sansio::Protocol;
 
@@ -98,8 +98,18 @@ fn media_engine() -> Result<MediaEngine, EngineError> {
     reg(rtx(96), 97, RtpCodecKind::Video)?;
     reg(h264(), 102, RtpCodecKind::Video)?;
     reg(rtx(102), 103, RtpCodecKind::Video)?;
+    // Publishers tag each audio packet with its level (RFC 6464): active-speaker detection.
+    m.register_header_extension(
+        RTCRtpHeaderExtensionCapability {
+            uri: AUDIO_LEVEL_URI.into(),
+        },
+        RtpCodecKind::Audio,
+        None,
+    )?;
     Ok(m)
 }
+
+pub const AUDIO_LEVEL_URI: &str = "urn:ietf:params:rtp-hdrext:ssrc-audio-level";
 
 /// The engine's interceptor chain consumes inbound RTCP; this marks keyframe requests and REMB
 /// estimates so that the SFU sees them in `poll_read` (to relay them to the publisher, and to

@@ -626,6 +626,11 @@ impl Rooms {
                     }
                 }
             }
+            SfuEvent::ActiveSpeakers { router, speakers } => {
+                if let Some(r) = st.rooms.get(&router.0) {
+                    r.broadcast(None, &ServerMessage::ActiveSpeakers { speakers });
+                }
+            }
             SfuEvent::Connected { peer } => tracing::debug!(?peer, "peer connected"),
             SfuEvent::Disconnected { peer } => tracing::debug!(?peer, "peer disconnected"),
         }

@@ -16,7 +16,7 @@ export async function startServer(env = {}) {
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let stderr = '';
-  proc.stderr.on('data', (d) => { stderr += d; });
+  proc.stderr.on('data', (d) => { stderr += d; if (process.env.DJTEST_STDERR) process.stderr.write(d); });
   const url = await new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`server did not start in 30 s:\n${stderr}`)), 30_000);
     let out = '';

@@ -71,6 +71,8 @@ test('two members see each other, a third comes and goes', async () => {
     return packets;
   });
   assert.ok(audio > 0, 'alice receives bob\'s audio');
+  // Chromium's fake microphone beeps: the server names bob as a speaker, and his tile lights up.
+  await waitFor('alice told that bob speaks', () => a.page.evaluate(() => window.__room.speakersSeen.has('bob')));
 
   assert.deepEqual(await peopleList(a.page), ['alice', 'bob']);
   const c = await join('branch-1', 'carol', '王五');

@@ -73,6 +73,8 @@ impl Drop for PgDatabase {
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The server's media (UDP) socket as clients reach it.
+    pub media_addr: SocketAddr,
     pub client: reqwest::Client,
     pub dir: tempfile::TempDir,
     server: Option<Server>,
@@ -111,6 +113,7 @@ impl TestApp {
         let server = dangjian::start(config).await.unwrap();
         TestApp {
             addr: server.addr,
+            media_addr: server.media_addr,
             client: client(),
             dir,
             server: Some(server),

@@ -36,10 +36,12 @@ const midInfo = new Map();
 const remoteTracks = new Map();
 /** our own track id on the server → local source, filled from track_published */
 const events = [];
+/** everyone the server has named as an active speaker */
+const speakersSeen = new Set();
 
 // Tests read what the page really does through this object.
 // @ts-ignore
-window.__room = { get pub() { return pub; }, get sub() { return sub; }, get ws() { return ws; }, participants, events, remoteTracks };
+window.__room = { get pub() { return pub; }, get sub() { return sub; }, get ws() { return ws; }, participants, events, remoteTracks, speakersSeen };
 
 function send(/** @type {object} */ msg) {
   if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(msg));
@@ -241,6 +243,7 @@ async function handle(/** @type {any} */ msg) {
       render();
       break;
     case 'active_speakers':
+      for (const s of msg.speakers) speakersSeen.add(s);
       for (const el of document.querySelectorAll('.tile')) {
         el.classList.toggle('speaking', msg.speakers.includes(/** @type {HTMLElement} */ (el).dataset.identity));
       }
