@@ -122,6 +122,12 @@ pub enum SfuEvent {
     Disconnected {
         peer: PeerId,
     },
+    /// Tell the publisher which simulcast layers to encode (index = layer).
+    PublisherLayers {
+        peer: PeerId,
+        producer: ProducerId,
+        active: Vec<bool>,
+    },
     /// Who is speaking in a router now, loudest first (sent when it changes).
     ActiveSpeakers {
         router: RouterId,
@@ -189,6 +195,8 @@ struct ProducerLayer {
     bitrate_bps: u64,
     last_packet: Option<Instant>,
     last_pli: Option<Instant>,
+    /// We asked the publisher to stop sending this layer.
+    paused: bool,
 }
 
 struct Producer {
@@ -224,10 +232,11 @@ impl Producer {
         }; 3];
         for (i, l) in self.layers.iter().enumerate().take(3) {
             if let Some(l) = l {
+                // A layer we paused is still there for the asking.
                 out[i] = LayerState {
-                    active: l
-                        .last_packet
-                        .is_some_and(|t| now.saturating_duration_since(t) < LAYER_IDLE),
+                    active: l.paused
+                        || l.last_packet
+                            .is_some_and(|t| now.saturating_duration_since(t) < LAYER_IDLE),
                     bitrate_bps: l.bitrate_bps,
                 };
             }
@@ -253,6 +262,7 @@ impl ProducerLayer {
             bitrate_bps: 0,
             last_packet: None,
             last_pli: None,
+            paused: false,
         }
     }
 }
@@ -610,7 +620,10 @@ impl Sfu {
         let secs = TICK.as_secs_f64();
         for pr in self.producers.values_mut() {
             for l in pr.layers.iter_mut().flatten() {
-                l.bitrate_bps = (l.bytes as f64 * 8.0 / secs) as u64;
+                // Keep the last figure of a paused layer: it is what resuming it would cost.
+                if !l.paused || l.bytes > 0 {
+                    l.bitrate_bps = (l.bytes as f64 * 8.0 / secs) as u64;
+                }
                 l.bytes = 0;
             }
         }
@@ -623,6 +636,50 @@ impl Sfu {
             .collect();
         for sub in subs {
             self.allocate(now, sub);
+        }
+        self.pause_unwatched_layers();
+    }
+
+    /// Asks publishers to stop encoding layers no subscriber wants (the smallest always runs, so
+    /// a new viewer starts at once). Signaling relays the change to the publishing client.
+    fn pause_unwatched_layers(&mut self) {
+        for (id, pr) in self.producers.iter_mut() {
+            if pr.kind != MediaKind::Video || pr.layers.len() < 2 {
+                continue;
+            }
+            let mut wanted = vec![false; pr.layers.len()];
+            wanted[0] = true;
+            for sub in &pr.consumers {
+                let Some(f) = self
+                    .peers
+                    .get(sub)
+                    .and_then(|p| p.consumers.get(id))
+                    .and_then(|c| c.forwarder.as_ref())
+                else {
+                    continue;
+                };
+                for l in [f.target(), f.current()].into_iter().flatten() {
+                    if let Some(w) = wanted.get_mut(l as usize) {
+                        *w = true;
+                    }
+                }
+            }
+            let mut changed = false;
+            for (l, want) in pr.layers.iter_mut().zip(&wanted) {
+                if let Some(l) = l
+                    && l.paused == *want
+                {
+                    l.paused = !want;
+                    changed = true;
+                }
+            }
+            if changed {
+                self.events.push_back(SfuEvent::PublisherLayers {
+                    peer: pr.peer,
+                    producer: *id,
+                    active: wanted,
+                });
+            }
         }
     }
 

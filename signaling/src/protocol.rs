@@ -188,6 +188,11 @@ pub enum ServerMessage {
         text: String,
         at: u64,
     },
+    /// Which simulcast layers of your track anyone watches: encode only those (index 0 = smallest).
+    PublisherLayers {
+        track: String,
+        active: Vec<bool>,
+    },
     /// Someone with the admin grant muted you.
     MutedBy {
         by: String,

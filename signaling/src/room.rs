@@ -626,6 +626,22 @@ impl Rooms {
                     }
                 }
             }
+            SfuEvent::PublisherLayers {
+                peer,
+                producer,
+                active,
+            } => {
+                let owner = st
+                    .peers
+                    .get(&peer)
+                    .and_then(|(room, id)| st.rooms.get(room)?.participants.get(id));
+                if let Some(p) = owner {
+                    p.send(ServerMessage::PublisherLayers {
+                        track: producer.to_string(),
+                        active,
+                    });
+                }
+            }
             SfuEvent::ActiveSpeakers { router, speakers } => {
                 if let Some(r) = st.rooms.get(&router.0) {
                     r.broadcast(None, &ServerMessage::ActiveSpeakers { speakers });

@@ -162,5 +162,15 @@ test('each viewer gets the simulcast layer that fits its screen', async () => {
     return c1 > 0 && b1 > c1 && [b1, c1];
   }, 40_000);
   assert.ok(big > small, `desktop ${big} px, phone ${small} px (alice sends ${publishes})`);
-  await Promise.all([a.context.close(), b.context.close(), c.context.close()]);
+  // With the desktop viewer gone nobody watches the larger layers: alice stops encoding them.
+  await b.context.close();
+  const paused = await waitFor('alice pausing the unwatched layers', () => a.page.evaluate(async () => {
+    const layers = {};
+    (await window.__room.pub.getStats()).forEach((s) => {
+      if (s.type === 'outbound-rtp' && s.kind === 'video') layers[s.rid] = s.active;
+    });
+    return layers.q === true && layers.h === false && layers.f === false && layers;
+  }), 40_000);
+  assert.deepEqual(paused, { q: true, h: false, f: false });
+  await Promise.all([a.context.close(), c.context.close()]);
 });

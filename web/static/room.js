@@ -248,6 +248,9 @@ async function handle(/** @type {any} */ msg) {
         el.classList.toggle('speaking', msg.speakers.includes(/** @type {HTMLElement} */ (el).dataset.identity));
       }
       break;
+    case 'publisher_layers':
+      await setLayers(msg.track, msg.active);
+      break;
     case 'muted_by':
       setMic(false);
       banner('主持人已将您静音');
@@ -258,6 +261,19 @@ async function handle(/** @type {any} */ msg) {
     case 'error':
       console.warn('server:', msg.code, msg.message);
       break;
+  }
+}
+
+/** Encode only the simulcast layers someone watches (the server says which). */
+async function setLayers(/** @type {string} */ trackId, /** @type {boolean[]} */ active) {
+  const source = participants.get(me)?.tracks.find((/** @type {any} */ t) => t.id === trackId)?.source ?? 'camera';
+  for (const tr of pub?.getTransceivers() ?? []) {
+    const track = tr.sender.track;
+    if (!track || track.kind !== 'video' || sourceOf(track) !== source) continue;
+    const params = tr.sender.getParameters();
+    if (!params.encodings || params.encodings.length < 2) continue;
+    params.encodings.forEach((e, i) => { e.active = active[i] ?? true; });
+    await tr.sender.setParameters(params).catch((e) => console.warn('setParameters', e));
   }
 }
 
