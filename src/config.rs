@@ -45,6 +45,8 @@ pub struct Layer {
     pub log_format: Option<String>,
     pub rtc_udp: Option<String>,
     pub rtc_public_ip: Option<String>,
+    /// ICE-TCP listen address (default: the UDP address, on TCP), or "off".
+    pub rtc_tcp: Option<String>,
     /// STUN/TURN servers handed to browsers (TOML array of tables; JSON in the environment).
     pub ice_servers: Option<Vec<IceServerConfig>>,
 }
@@ -71,6 +73,7 @@ const ENV_KEYS: &[&str] = &[
     "log_format",
     "rtc_udp",
     "rtc_public_ip",
+    "rtc_tcp",
     "ice_servers",
 ];
 
@@ -101,6 +104,8 @@ pub struct Config {
     /// The address clients are told to send media to (NAT 1:1, or the host's address when the
     /// socket listens on all interfaces).
     pub rtc_public_ip: Option<IpAddr>,
+    /// The ICE-TCP fallback listener, if any.
+    pub rtc_tcp: Option<SocketAddr>,
     pub ice_servers: Vec<IceServerConfig>,
 }
 
@@ -182,6 +187,7 @@ impl Layer {
             rtc_udp: over.rtc_udp.or(self.rtc_udp),
             rtc_public_ip: over.rtc_public_ip.or(self.rtc_public_ip),
             ice_servers: over.ice_servers.or(self.ice_servers),
+            rtc_tcp: over.rtc_tcp.or(self.rtc_tcp),
         }
     }
 
@@ -239,6 +245,13 @@ impl Layer {
                 "configuration key `rtc_udp`: `{rtc_udp}` is not an address like 0.0.0.0:7882"
             )
         })?;
+        let rtc_tcp = match self.rtc_tcp.as_deref() {
+            None => Some(rtc_udp),
+            Some("off") => None,
+            Some(s) => Some(s.parse::<SocketAddr>().map_err(|_| {
+                anyhow::anyhow!("configuration key `rtc_tcp`: `{s}` is not an address like 0.0.0.0:7882 (or \"off\")")
+            })?),
+        };
         let ice_servers = self.ice_servers.unwrap_or_default();
         for s in &ice_servers {
             let ok = !s.urls.is_empty()
@@ -272,6 +285,7 @@ impl Layer {
             log_format,
             rtc_udp,
             rtc_public_ip,
+            rtc_tcp,
             ice_servers,
         })
     }

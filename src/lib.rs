@@ -129,7 +129,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     let public_ip = config
         .rtc_public_ip
         .or_else(|| config.rtc_udp.ip().is_unspecified().then(primary_ip));
-    let (sfu, sfu_events) = sfu::driver::start(config.rtc_udp, public_ip)
+    let (sfu, sfu_events) = sfu::driver::start(config.rtc_udp, public_ip, config.rtc_tcp)
         .await
         .with_context(|| format!("cannot open the media socket {}", config.rtc_udp))?;
     let ice_servers = config

@@ -139,6 +139,8 @@ pub enum SfuEvent {
 #[derive(Debug)]
 pub struct Transmit {
     pub to: SocketAddr,
+    /// Goes out on the ICE-TCP connection from `to` rather than the UDP socket.
+    pub tcp: bool,
     pub data: BytesMut,
 }
 
@@ -279,6 +281,8 @@ fn layer_of_rid(rid: Option<&str>) -> Layer {
 pub struct SfuConfig {
     /// The address put in every candidate: the shared socket as clients reach it.
     pub advertised: SocketAddr,
+    /// The ICE-TCP listener as clients reach it (a passive TCP candidate), when there is one.
+    pub advertised_tcp: Option<SocketAddr>,
 }
 
 pub struct Sfu {
@@ -287,7 +291,9 @@ pub struct Sfu {
     next_id: u64,
     peers: HashMap<PeerId, Peer>,
     by_ufrag: HashMap<String, PeerId>,
-    by_addr: HashMap<SocketAddr, PeerId>,
+    /// (over TCP?, remote address) → peer.
+    by_addr: HashMap<(bool, SocketAddr), PeerId>,
+    advertised_tcp: Option<SocketAddr>,
     producers: HashMap<ProducerId, Producer>,
     routers: HashMap<RouterId, Vec<PeerId>>,
     transmits: VecDeque<Transmit>,
@@ -313,6 +319,7 @@ impl Sfu {
             peers: HashMap::new(),
             by_ufrag: HashMap::new(),
             by_addr: HashMap::new(),
+            advertised_tcp: config.advertised_tcp,
             producers: HashMap::new(),
             routers: HashMap::new(),
             transmits: VecDeque::new(),
@@ -357,7 +364,14 @@ impl Sfu {
         let id = PeerId(self.id());
         let ufrag = hex::encode(rand::random::<[u8; 8]>());
         let pwd = hex::encode(rand::random::<[u8; 16]>());
-        let pc = engine::server_peer_connection(now, &ufrag, &pwd, self.advertised, &self.cert)?;
+        let pc = engine::server_peer_connection(
+            now,
+            &ufrag,
+            &pwd,
+            self.advertised,
+            self.advertised_tcp,
+            &self.cert,
+        )?;
         self.by_ufrag.insert(ufrag.clone(), id);
         self.peers.insert(
             id,
@@ -782,9 +796,23 @@ impl Sfu {
 
     /// One datagram from the shared socket.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        self.handle_input(now, from, false, data);
+    }
+
+    /// One RFC 4571 frame (its payload) from the ICE-TCP connection of `from`.
+    pub fn handle_tcp_frame(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        self.handle_input(now, from, true, data);
+    }
+
+    fn handle_input(&mut self, now: Instant, from: SocketAddr, tcp: bool, data: &[u8]) {
         self.stats.datagrams_in += 1;
         self.stats.bytes_in += data.len() as u64;
-        let peer = match self.by_addr.get(&from) {
+        let local_addr = match (tcp, self.advertised_tcp) {
+            (false, _) => self.advertised,
+            (true, Some(a)) => a,
+            (true, None) => return,
+        };
+        let peer = match self.by_addr.get(&(tcp, from)) {
             Some(id) => Some(*id),
             None => engine::stun_local_ufrag(data).and_then(|u| self.by_ufrag.get(&u).copied()),
         };
@@ -794,7 +822,7 @@ impl Sfu {
         };
         // A STUN check with the right ufrag from a new address binds that address (ICE picks
         // the pair; a later check from elsewhere, as after a network change, rebinds).
-        self.by_addr.entry(from).or_insert(peer);
+        self.by_addr.entry((tcp, from)).or_insert(peer);
         if !self.peers.contains_key(&peer) {
             return;
         }
@@ -805,10 +833,14 @@ impl Sfu {
         let msg = TaggedBytesMut {
             now,
             transport: TransportContext {
-                local_addr: self.advertised,
+                local_addr,
                 peer_addr: from,
                 ecn: None,
-                transport_protocol: TransportProtocol::UDP,
+                transport_protocol: if tcp {
+                    TransportProtocol::TCP
+                } else {
+                    TransportProtocol::UDP
+                },
             },
             message,
         };
@@ -879,7 +911,11 @@ impl Sfu {
     fn push_transmit(&mut self, to: SocketAddr, data: BytesMut) {
         self.stats.datagrams_out += 1;
         self.stats.bytes_out += data.len() as u64;
-        self.transmits.push_back(Transmit { to, data });
+        self.transmits.push_back(Transmit {
+            to,
+            tcp: false,
+            data,
+        });
     }
 
     fn drain_writes(&mut self, peer: PeerId) {
@@ -891,6 +927,7 @@ impl Sfu {
             self.stats.bytes_out += m.message.len() as u64;
             self.transmits.push_back(Transmit {
                 to: m.transport.peer_addr,
+                tcp: m.transport.transport_protocol == TransportProtocol::TCP,
                 data: m.message,
             });
         }

@@ -6,7 +6,12 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use tokio::net::UdpSocket;
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::RouterId;
@@ -134,6 +139,7 @@ impl SfuHandle {
 pub async fn start(
     bind: SocketAddr,
     public_ip: Option<IpAddr>,
+    tcp_bind: Option<SocketAddr>,
 ) -> io::Result<(SfuHandle, mpsc::UnboundedReceiver<SfuEvent>)> {
     let socket = UdpSocket::bind(bind).await?;
     let local = socket.local_addr()?;
@@ -148,22 +154,81 @@ pub async fn start(
         None => local.ip(),
     };
     let advertised = SocketAddr::new(ip, local.port());
-    let sfu = Sfu::new(SfuConfig { advertised }).map_err(|e| io::Error::other(e.to_string()))?;
+    let listener = match tcp_bind {
+        Some(addr) => Some(TcpListener::bind(addr).await?),
+        None => None,
+    };
+    let advertised_tcp = match &listener {
+        Some(l) => Some(SocketAddr::new(ip, l.local_addr()?.port())),
+        None => None,
+    };
+    let sfu = Sfu::new(SfuConfig {
+        advertised,
+        advertised_tcp,
+    })
+    .map_err(|e| io::Error::other(e.to_string()))?;
     let (tx, rx) = mpsc::unbounded_channel();
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
-    tokio::spawn(run(socket, sfu, rx, ev_tx));
-    tracing::info!(%local, %advertised, "media socket ready");
+    tokio::spawn(run(socket, listener, sfu, rx, ev_tx));
+    tracing::info!(%local, %advertised, ?advertised_tcp, "media sockets ready");
     Ok((SfuHandle { tx, advertised }, ev_rx))
+}
+
+/// Frames queued for one ICE-TCP connection before further ones are dropped.
+const TCP_QUEUE: usize = 512;
+/// Open ICE-TCP connections beyond which new ones are refused.
+const MAX_TCP_CONNECTIONS: usize = 4096;
+/// Largest RFC 4571 frame (the length prefix is 16 bits).
+const MAX_FRAME: usize = u16::MAX as usize;
+
+enum TcpInput {
+    Frame(SocketAddr, Bytes),
+    Closed(SocketAddr),
+}
+
+/// Reads RFC 4571 frames (a 16-bit length, then the packet) from one ICE-TCP connection.
+async fn read_frames(mut reader: OwnedReadHalf, from: SocketAddr, input: mpsc::Sender<TcpInput>) {
+    let mut len = [0u8; 2];
+    let mut buf = vec![0u8; MAX_FRAME];
+    loop {
+        if reader.read_exact(&mut len).await.is_err() {
+            break;
+        }
+        let n = u16::from_be_bytes(len) as usize;
+        if reader.read_exact(&mut buf[..n]).await.is_err() {
+            break;
+        }
+        if input
+            .send(TcpInput::Frame(from, Bytes::copy_from_slice(&buf[..n])))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let _ = input.send(TcpInput::Closed(from)).await;
+}
+
+async fn write_frames(mut writer: OwnedWriteHalf, mut frames: mpsc::Receiver<Bytes>) {
+    while let Some(frame) = frames.recv().await {
+        let len = (frame.len() as u16).to_be_bytes();
+        if writer.write_all(&len).await.is_err() || writer.write_all(&frame).await.is_err() {
+            break;
+        }
+    }
 }
 
 async fn run(
     socket: UdpSocket,
+    listener: Option<TcpListener>,
     mut sfu: Sfu,
     mut commands: mpsc::UnboundedReceiver<Command>,
     events: mpsc::UnboundedSender<SfuEvent>,
 ) {
     let mut buf = vec![0u8; 2048];
     let mut send_drops = 0u64;
+    let (tcp_tx, mut tcp_rx) = mpsc::channel::<TcpInput>(1024);
+    let mut tcp_writers: HashMap<SocketAddr, mpsc::Sender<Bytes>> = HashMap::new();
     loop {
         let deadline = sfu
             .poll_timeout()
@@ -174,6 +239,24 @@ async fn run(
                     sfu.handle_datagram(Instant::now(), from, &buf[..n]);
                 }
             }
+            accepted = async { listener.as_ref().expect("guarded by the if below").accept().await }, if listener.is_some() => {
+                // Connections are unauthenticated until their first STUN check: cap them.
+                if let Ok((stream, from)) = accepted.map_err(drop).and_then(|a| if tcp_writers.len() < MAX_TCP_CONNECTIONS { Ok(a) } else { Err(()) }) {
+                    let _ = stream.set_nodelay(true);
+                    let (reader, writer) = stream.into_split();
+                    let (frames_tx, frames_rx) = mpsc::channel(TCP_QUEUE);
+                    tcp_writers.insert(from, frames_tx);
+                    tokio::spawn(read_frames(reader, from, tcp_tx.clone()));
+                    tokio::spawn(write_frames(writer, frames_rx));
+                }
+            }
+            input = tcp_rx.recv() => match input {
+                Some(TcpInput::Frame(from, data)) => sfu.handle_tcp_frame(Instant::now(), from, &data),
+                Some(TcpInput::Closed(from)) => {
+                    tcp_writers.remove(&from);
+                }
+                None => {}
+            },
             cmd = commands.recv() => {
                 let Some(cmd) = cmd else { break };
                 let now = Instant::now();
@@ -203,8 +286,15 @@ async fn run(
             _ = tokio::time::sleep_until(deadline.into()) => sfu.handle_timeout(Instant::now()),
         }
         while let Some(t) = sfu.poll_transmit() {
-            // Never wait on the socket: a full buffer costs this datagram, not everyone's.
-            if socket.try_send_to(&t.data, t.to).is_err() {
+            // Never wait on a socket: a full buffer costs this packet, not everyone's.
+            let sent = if t.tcp {
+                tcp_writers
+                    .get(&t.to)
+                    .is_some_and(|w| w.try_send(t.data.freeze()).is_ok())
+            } else {
+                socket.try_send_to(&t.data, t.to).is_ok()
+            };
+            if !sent {
                 send_drops += 1;
             }
         }

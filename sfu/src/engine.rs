@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use rtc::ice::tcp_type::TcpType;
 use rtc::interceptor::{Attribute, Interceptor, Packet, Slot, StreamInfo, TaggedPacket};
 use rtc::peer_connection::certificate::{CertificateParams, RTCCertificate};
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
@@ -185,6 +186,7 @@ pub fn server_peer_connection(
     ufrag: &str,
     pwd: &str,
     advertised: SocketAddr,
+    advertised_tcp: Option<SocketAddr>,
     cert: &RTCCertificate,
 ) -> Result<RTCPeerConnection, EngineError> {
     let mut me = media_engine()?;
@@ -216,6 +218,21 @@ pub fn server_peer_connection(
     }
     .new_candidate_host()?;
     pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json()?)?;
+    // ICE-TCP for networks that block UDP: clients connect to our passive candidate.
+    if let Some(tcp) = advertised_tcp {
+        let candidate = CandidateHostConfig {
+            base_config: CandidateConfig {
+                network: "tcp".into(),
+                address: tcp.ip().to_string(),
+                port: tcp.port(),
+                component: 1,
+                ..Default::default()
+            },
+            tcp_type: TcpType::Passive,
+        }
+        .new_candidate_host()?;
+        pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json()?)?;
+    }
     Ok(pc)
 }
 

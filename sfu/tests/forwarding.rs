@@ -226,6 +226,7 @@ impl Net {
             sfu_addr,
             sfu: Sfu::new(SfuConfig {
                 advertised: sfu_addr,
+                advertised_tcp: None,
             })
             .unwrap(),
             clients: Vec::new(),

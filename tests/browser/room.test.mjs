@@ -174,3 +174,32 @@ test('each viewer gets the simulcast layer that fits its screen', async () => {
   assert.deepEqual(paused, { q: true, h: false, f: false });
   await Promise.all([a.context.close(), c.context.close()]);
 });
+
+test('media gets through over ICE-TCP when UDP cannot', async () => {
+  // A server whose advertised UDP address reaches nothing (its socket listens on 127.0.0.1, the
+  // candidate says 127.0.0.2), as when a firewall drops UDP: only the TCP candidate can work.
+  const blocked = await startServer({ DANGJIAN_RTC_PUBLIC_IP: '127.0.0.2', DANGJIAN_RTC_TCP: '127.0.0.2:0' });
+  const open = async (identity) => {
+    const context = await browser.newContext({ viewport: { width: 390, height: 844 } });
+    const page = await context.newPage();
+    await page.goto(`${blocked.url}/room/branch-5?token=${blocked.token('branch-5', identity)}`);
+    await page.getByRole('button', { name: '加入会议' }).click();
+    return { page, context };
+  };
+  try {
+    const a = await open('alice');
+    const b = await open('bob');
+    await waitFor('bob decoding alice over TCP', async () => (await decodingTracks(b.page, 5)) >= 1, 30_000);
+    await waitFor('alice decoding bob over TCP', async () => (await decodingTracks(a.page, 5)) >= 1, 30_000);
+    const protocol = await b.page.evaluate(async () => {
+      const stats = await window.__room.sub.getStats();
+      let pair;
+      stats.forEach((s) => { if (s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded') pair = s; });
+      return pair && stats.get(pair.remoteCandidateId)?.protocol;
+    });
+    assert.equal(protocol, 'tcp', 'media went over TCP');
+    await Promise.all([a.context.close(), b.context.close()]);
+  } finally {
+    await blocked.stop();
+  }
+});
