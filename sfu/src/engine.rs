@@ -16,7 +16,9 @@ use rtc::peer_connection::configuration::media_engine::{
     MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_RTX, MIME_TYPE_VP8, MediaEngine,
 };
 use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
-use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCIceCandidate};
+use rtc::peer_connection::transport::{
+    CandidateConfig, CandidateHostConfig, RTCIceCandidate, RTCIceCandidateInit,
+};
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
@@ -115,13 +117,14 @@ pub const AUDIO_LEVEL_URI: &str = "urn:ietf:params:rtp-hdrext:ssrc-audio-level";
 /// The engine's interceptor chain consumes inbound RTCP; this marks keyframe requests and REMB
 /// estimates so that the SFU sees them in `poll_read` (to relay them to the publisher, and to
 /// choose simulcast layers).
+/// Public so that Rust test clients (and the load tool) can see the PLIs they are sent.
 #[derive(Default)]
-struct DeliverKeyframeRequests {
+pub struct DeliverRtcpFeedback {
     read: VecDeque<TaggedPacket>,
     write: VecDeque<TaggedPacket>,
 }
 
-impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverKeyframeRequests {
+impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverRtcpFeedback {
     type Rout = TaggedPacket;
     type Wout = TaggedPacket;
     type Eout = ();
@@ -160,7 +163,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverKeyframeRequests {
     }
 }
 
-impl Interceptor for DeliverKeyframeRequests {
+impl Interceptor for DeliverRtcpFeedback {
     fn bind_local_stream(&mut self, _info: &StreamInfo) {}
     fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
     fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
@@ -190,7 +193,7 @@ pub fn server_peer_connection(
     cert: &RTCCertificate,
 ) -> Result<RTCPeerConnection, EngineError> {
     let mut me = media_engine()?;
-    let registry = Registry::new().with(Slot::from(14_000), DeliverKeyframeRequests::default());
+    let registry = Registry::new().with(Slot::from(14_000), DeliverRtcpFeedback::default());
     let registry = register_default_interceptors(registry, &mut me)?;
     let settings = SettingEngineBuilder::new()
         .with_lite(true)
@@ -206,33 +209,51 @@ pub fn server_peer_connection(
         .with_setting_engine(settings)
         .with_interceptor_registry(registry)
         .build(now)?;
+    pc.add_local_candidate(host_candidate(advertised, false)?)?;
+    // ICE-TCP for networks that block UDP: clients connect to our passive candidate.
+    if let Some(tcp) = advertised_tcp {
+        pc.add_local_candidate(host_candidate(tcp, true)?)?;
+    }
+    Ok(pc)
+}
+
+/// A host candidate at `addr`: UDP, or passive TCP.
+pub fn host_candidate(addr: SocketAddr, tcp: bool) -> Result<RTCIceCandidateInit, EngineError> {
     let candidate = CandidateHostConfig {
         base_config: CandidateConfig {
-            network: "udp".into(),
-            address: advertised.ip().to_string(),
-            port: advertised.port(),
+            network: if tcp { "tcp" } else { "udp" }.into(),
+            address: addr.ip().to_string(),
+            port: addr.port(),
             component: 1,
             ..Default::default()
         },
-        ..Default::default()
+        tcp_type: if tcp {
+            TcpType::Passive
+        } else {
+            TcpType::Unspecified
+        },
     }
     .new_candidate_host()?;
-    pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json()?)?;
-    // ICE-TCP for networks that block UDP: clients connect to our passive candidate.
-    if let Some(tcp) = advertised_tcp {
-        let candidate = CandidateHostConfig {
-            base_config: CandidateConfig {
-                network: "tcp".into(),
-                address: tcp.ip().to_string(),
-                port: tcp.port(),
-                component: 1,
-                ..Default::default()
-            },
-            tcp_type: TcpType::Passive,
-        }
-        .new_candidate_host()?;
-        pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json()?)?;
-    }
+    RTCIceCandidate::from(&candidate).to_json()
+}
+
+/// A browser-like peer (full ICE, the default codecs and interceptors: NACK, RTX, reports) with
+/// one UDP host candidate at `addr`: for Rust test clients and tools, not the server.
+pub fn client_peer_connection(
+    now: Instant,
+    addr: SocketAddr,
+) -> Result<RTCPeerConnection, EngineError> {
+    let mut me = MediaEngine::default();
+    me.register_default_codecs()?;
+    let registry = Registry::new().with(Slot::from(14_000), DeliverRtcpFeedback::default());
+    let registry = register_default_interceptors(registry, &mut me)?;
+    let mut pc = RTCPeerConnectionBuilder::new()
+        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_media_engine(me)
+        .with_setting_engine(SettingEngineBuilder::new().build())
+        .with_interceptor_registry(registry)
+        .build(now)?;
+    pc.add_local_candidate(host_candidate(addr, false)?)?;
     Ok(pc)
 }
 
