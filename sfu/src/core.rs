@@ -186,8 +186,10 @@ struct Peer {
     awaiting_answer: bool,
     needs_offer: bool,
     connected: bool,
-    /// The subscriber's receive bandwidth estimate (REMB), shared by its video tracks.
-    estimate_bps: Option<u64>,
+    /// What the subscriber's browser says it can receive (REMB), if it says so.
+    remb_bps: Option<u64>,
+    /// Our send-side estimate from its transport-wide feedback (TWCC).
+    twcc: engine::EstimateHandle,
 }
 
 /// One simulcast layer (or the only stream) of a producer.
@@ -364,7 +366,7 @@ impl Sfu {
         let id = PeerId(self.id());
         let ufrag = hex::encode(rand::random::<[u8; 8]>());
         let pwd = hex::encode(rand::random::<[u8; 16]>());
-        let pc = engine::server_peer_connection(
+        let (pc, twcc) = engine::server_peer_connection(
             now,
             &ufrag,
             &pwd,
@@ -387,7 +389,8 @@ impl Sfu {
                 awaiting_answer: false,
                 needs_offer: false,
                 connected: false,
-                estimate_bps: None,
+                remb_bps: None,
+                twcc,
             },
         );
         self.routers.entry(router.clone()).or_default().push(id);
@@ -569,7 +572,8 @@ impl Sfu {
             .filter(|c| c.forwarder.is_some())
             .count()
             .max(1) as u64;
-        let budget = p.estimate_bps.map(|e| e / videos);
+        // REMB is the receiver's own word; otherwise our TWCC estimate. Shared by its videos.
+        let budget = p.remb_bps.or_else(|| p.twcc.bps()).map(|e| e / videos);
         let mut wanted = Vec::new();
         for (producer, c) in p.consumers.iter_mut() {
             let (Some(f), Some(pr)) = (c.forwarder.as_mut(), self.producers.get(producer)) else {
@@ -974,7 +978,7 @@ impl Sfu {
                 .as_any()
                 .downcast_ref::<ReceiverEstimatedMaximumBitrate>()
             {
-                p.estimate_bps = Some(remb.bitrate as u64);
+                p.remb_bps = Some(remb.bitrate as u64);
             }
         }
         let wants_keyframe = pkts.iter().any(|p| {

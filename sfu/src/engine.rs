@@ -6,11 +6,17 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use rtc::ice::tcp_type::TcpType;
-use rtc::interceptor::{Attribute, Interceptor, Packet, Slot, StreamInfo, TaggedPacket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rtc::interceptor::{
+    Attribute, BandwidthEstimator, CongestionControlBuilder, EstimatorStats, Gcc, Interceptor,
+    Packet, PacketReport, Slot, StreamInfo, TaggedPacket,
+};
 use rtc::peer_connection::certificate::{CertificateParams, RTCCertificate};
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::peer_connection::configuration::interceptor_registry::{
-    Registry, register_default_interceptors,
+    Registry, configure_twcc_sender_only, register_default_interceptors,
 };
 use rtc::peer_connection::configuration::media_engine::{
     MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_RTX, MIME_TYPE_VP8, MediaEngine,
@@ -191,10 +197,23 @@ pub fn server_peer_connection(
     advertised: SocketAddr,
     advertised_tcp: Option<SocketAddr>,
     cert: &RTCCertificate,
-) -> Result<RTCPeerConnection, EngineError> {
+) -> Result<(RTCPeerConnection, EstimateHandle), EngineError> {
     let mut me = media_engine()?;
     let registry = Registry::new().with(Slot::from(14_000), DeliverRtcpFeedback::default());
     let registry = register_default_interceptors(registry, &mut me)?;
+    // Send-side bandwidth estimation from the browser's transport-wide feedback (TWCC), without
+    // the engine's pacer: it would hold every packet to the estimate, and simulcast layer
+    // switching is how this server adapts.
+    let estimate = EstimateHandle::default();
+    let estimator = Published {
+        inner: Gcc::new(INITIAL_ESTIMATE_BPS, 100_000.0, 20_000_000.0),
+        out: estimate.clone(),
+    };
+    estimator.publish();
+    let registry = configure_twcc_sender_only(registry, &mut me)?.with(
+        Slot::CongestionControl,
+        CongestionControlBuilder::new(estimator).build(),
+    );
     let settings = SettingEngineBuilder::new()
         .with_lite(true)
         .with_ice_credentials(ufrag.into(), pwd.into())
@@ -214,7 +233,60 @@ pub fn server_peer_connection(
     if let Some(tcp) = advertised_tcp {
         pc.add_local_candidate(host_candidate(tcp, true)?)?;
     }
-    Ok(pc)
+    Ok((pc, estimate))
+}
+
+/// Where the estimate starts. High enough for a full-size layer: the estimator lowers it only on
+/// loss, and starting low would move every new viewer down a layer and back up again.
+const INITIAL_ESTIMATE_BPS: f64 = 3_000_000.0;
+
+/// One connection's send-side bandwidth estimate, written by its congestion controller and read
+/// by the core when it assigns layers. Not shared between connections.
+#[derive(Clone, Default)]
+pub struct EstimateHandle(Arc<(AtomicU64, AtomicU64)>);
+
+impl EstimateHandle {
+    /// Bits per second, or `None` until the first TWCC feedback arrived.
+    pub fn bps(&self) -> Option<u64> {
+        (self.0.1.load(Ordering::Relaxed) > 0)
+            .then(|| f64::from_bits(self.0.0.load(Ordering::Relaxed)) as u64)
+    }
+}
+
+/// Wraps the estimator to publish each new target through an [`EstimateHandle`].
+struct Published<E> {
+    inner: E,
+    out: EstimateHandle,
+}
+
+impl<E: BandwidthEstimator> Published<E> {
+    fn publish(&self) {
+        self.out
+            .0
+            .0
+            .store(self.inner.target_bitrate().to_bits(), Ordering::Relaxed);
+    }
+}
+
+impl<E: BandwidthEstimator> BandwidthEstimator for Published<E> {
+    fn on_reports(&mut self, now: Instant, reports: &[PacketReport]) {
+        self.inner.on_reports(now, reports);
+        self.out.0.1.fetch_add(1, Ordering::Relaxed);
+        self.publish();
+    }
+    fn target_bitrate(&self) -> f64 {
+        self.inner.target_bitrate()
+    }
+    fn handle_timeout(&mut self, now: Instant) {
+        self.inner.handle_timeout(now);
+        self.publish();
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.inner.poll_timeout()
+    }
+    fn stats(&self) -> EstimatorStats {
+        self.inner.stats()
+    }
 }
 
 /// A host candidate at `addr`: UDP, or passive TCP.
