@@ -112,7 +112,9 @@ async fn room_page(
             )
         }
         (None, None) => {
-            let next = format!("/room/{room}");
+            // The name is one path segment again: `?`, `#`, `%` or a space in it must survive
+            // the trip through sign-in.
+            let next = format!("/room/{}", url_escape(&room).replace('+', "%20"));
             return Ok(Redirect::to(&format!("/login?next={}", url_escape(&next))).into_response());
         }
     };

@@ -507,20 +507,31 @@ impl Rooms {
 
     /// Ends a room for everyone.
     pub fn close_room(&self, room: &str) -> Result<(), RoomError> {
-        let ids: Vec<String> = {
-            let st = self.state();
-            st.rooms
-                .get(room)
-                .ok_or(RoomError::NoRoom)?
+        // Take the room out in one step, so nobody can join it halfway through closing.
+        let closed = {
+            let mut st = self.state();
+            let r = st.rooms.remove(room).ok_or(RoomError::NoRoom)?;
+            for peer in r
                 .participants
-                .keys()
-                .cloned()
-                .collect()
+                .values()
+                .flat_map(|p| p.publisher.iter().chain(p.subscriber.iter()))
+            {
+                st.peers.remove(peer);
+                st.early_offers.remove(peer);
+            }
+            r
         };
-        for id in ids {
-            self.remove(room, &id, None, Some((4004, "the room was closed")));
+        for p in closed.participants.into_values() {
+            p.send(ServerMessage::Closed {
+                reason: "the room was closed".into(),
+            });
+            let _ = p
+                .outbox
+                .send(Outgoing::Close(4004, "the room was closed".into()));
+            for peer in p.publisher.into_iter().chain(p.subscriber) {
+                self.inner.sfu.close_peer(peer);
+            }
         }
-        self.state().rooms.remove(room);
         Ok(())
     }
 
