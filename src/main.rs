@@ -86,9 +86,13 @@ fn load_config(c: &Common) -> anyhow::Result<Config> {
     file.merge(env).merge(flags).resolve()
 }
 
+/// The WebRTC engine warns about every odd packet a browser sends (unknown DTLS extensions, ICE
+/// checks before the credentials arrive); those are not operators' business.
+const DEFAULT_LOG: &str = "info,sqlx=warn,tower_http=info,rtc=error,rtc_dtls=error,rtc_ice=error,rtc_srtp=error,rtc_sctp=error,rtc_interceptor=error";
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("DANGJIAN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,tower_http=info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
