@@ -736,6 +736,18 @@ impl Sfu {
             ..Default::default()
         };
         let transceiver = p.pc.add_transceiver_from_track(track, Some(init))?;
+        if kind == MediaKind::Video {
+            // A connection's video codecs are settled by the first answer that has video: later
+            // m-sections may only use those. Offer every video codec, this track's first, so that
+            // a later track in another codec (the room switched between H.264 and VP8) can still
+            // be sent on this connection. Where the subscriber already settled on fewer, this
+            // fails and the track offers its own codec only.
+            let mut prefs = engine::video_codecs();
+            prefs.sort_by_key(|c| !c.rtp_codec.mime_type.eq_ignore_ascii_case(&codec.mime_type));
+            if let Some(mut t) = p.pc.rtp_transceiver(transceiver) {
+                let _ = t.set_codec_preferences(prefs);
+            }
+        }
         let sender =
             p.pc.rtp_transceiver(transceiver)
                 .and_then(|t| t.sender())

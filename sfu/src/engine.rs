@@ -90,6 +90,17 @@ fn rtx(apt: u8) -> RTCRtpCodec {
     }
 }
 
+/// The video codecs every server connection offers (each also with RTX), with their payload types.
+pub fn video_codecs() -> Vec<RTCRtpCodecParameters> {
+    [(vp8(), 96), (h264(), 102)]
+        .into_iter()
+        .map(|(rtp_codec, payload_type)| RTCRtpCodecParameters {
+            rtp_codec,
+            payload_type,
+        })
+        .collect()
+}
+
 /// The codecs every server connection offers: Opus; VP8 and H.264, each with RTX.
 fn media_engine() -> Result<MediaEngine, EngineError> {
     let mut m = MediaEngine::default();
@@ -103,10 +114,11 @@ fn media_engine() -> Result<MediaEngine, EngineError> {
         )
     };
     reg(opus(), 111, RtpCodecKind::Audio)?;
-    reg(vp8(), 96, RtpCodecKind::Video)?;
-    reg(rtx(96), 97, RtpCodecKind::Video)?;
-    reg(h264(), 102, RtpCodecKind::Video)?;
-    reg(rtx(102), 103, RtpCodecKind::Video)?;
+    for codec in video_codecs() {
+        let pt = codec.payload_type;
+        reg(codec.rtp_codec, pt, RtpCodecKind::Video)?;
+        reg(rtx(pt), pt + 1, RtpCodecKind::Video)?;
+    }
     // Publishers tag each audio packet with its level (RFC 6464): active-speaker detection.
     m.register_header_extension(
         RTCRtpHeaderExtensionCapability {

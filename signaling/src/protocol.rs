@@ -82,6 +82,16 @@ pub struct IceServer {
     pub credential: Option<String>,
 }
 
+/// The codec a room's video is published in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum VideoCodec {
+    /// Preferred: recordings can be remuxed without transcoding, and phones decode it in hardware.
+    H264,
+    #[default]
+    Vp8,
+}
+
 /// Preferred quality of a subscribed video track (simulcast layer).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -151,6 +161,13 @@ pub enum ServerMessage {
         ice_servers: Vec<IceServer>,
         /// Present when this connection resumed an earlier one (within the grace period).
         resumed: bool,
+        /// The video codec to publish with: H.264 while everyone in the room can decode it.
+        video_codec: VideoCodec,
+    },
+    /// The room's video codec changed (someone who cannot decode H.264 came, or left):
+    /// publish video again with this one.
+    VideoCodec {
+        codec: VideoCodec,
     },
     Answer {
         sdp: String,

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 
 use crate::protocol::{
     IceServer, MidTrack, ParticipantInfo, ServerMessage, TrackInfo, TrackKind, TrackSource,
+    VideoCodec,
 };
 use crate::token::{Claims, TokenKey};
 
@@ -51,6 +52,8 @@ struct Participant {
     intents: HashMap<String, TrackSource>,
     outbox: Outbox,
     conn: u64,
+    /// Can send and receive H.264 (said by the client when it connects).
+    h264: bool,
     publisher: Option<PeerId>,
     subscriber: Option<PeerId>,
     disconnected_at: Option<Instant>,
@@ -76,9 +79,23 @@ impl Participant {
 struct Room {
     participants: BTreeMap<String, Participant>,
     empty_since: Option<Instant>,
+    video_codec: VideoCodec,
 }
 
 impl Room {
+    /// H.264 when everyone can decode it; tells everyone when that changes.
+    fn update_codec(&mut self) {
+        let codec = if !self.participants.is_empty() && self.participants.values().all(|p| p.h264) {
+            VideoCodec::H264
+        } else {
+            VideoCodec::Vp8
+        };
+        if codec != self.video_codec {
+            self.video_codec = codec;
+            self.broadcast(None, &ServerMessage::VideoCodec { codec });
+        }
+    }
+
     fn broadcast(&self, except: Option<&str>, msg: &ServerMessage) {
         for (id, p) in &self.participants {
             if Some(id.as_str()) != except && p.disconnected_at.is_none() {
@@ -167,6 +184,7 @@ impl Rooms {
         &self,
         claims: Claims,
         name: String,
+        h264: bool,
         outbox: Outbox,
     ) -> Result<Joined, RoomError> {
         let conn = self
@@ -236,10 +254,21 @@ impl Rooms {
             intents: HashMap::new(),
             outbox,
             conn,
+            h264,
             publisher,
             subscriber,
             disconnected_at: None,
         };
+        // The newcomer counts: if it cannot decode H.264, the others switch before it arrives.
+        let codec = if h264 && room.participants.values().all(|p| p.h264) {
+            VideoCodec::H264
+        } else {
+            VideoCodec::Vp8
+        };
+        if codec != room.video_codec {
+            room.video_codec = codec;
+            room.broadcast(None, &ServerMessage::VideoCodec { codec });
+        }
         let you = participant.info(&identity);
         let others: Vec<ParticipantInfo> =
             room.participants.iter().map(|(id, p)| p.info(id)).collect();
@@ -249,6 +278,7 @@ impl Rooms {
             participants: others,
             ice_servers: self.inner.config.ice_servers.clone(),
             resumed,
+            video_codec: room.video_codec,
         });
         if !resumed {
             room.broadcast(None, &ServerMessage::ParticipantJoined { participant: you });
@@ -341,6 +371,7 @@ impl Rooms {
                     identity: identity.into(),
                 },
             );
+            room.update_codec();
             let empty = room.participants.is_empty();
             if empty {
                 room.empty_since = Some(Instant::now());

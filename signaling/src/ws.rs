@@ -60,12 +60,17 @@ async fn upgrade(
         Err(e) => return refuse(StatusCode::UNAUTHORIZED, e.to_string()),
     };
     let name = q.get("name").cloned().unwrap_or_default();
+    // What the client can send and receive; without a word, assume VP8 only (every WebRTC
+    // browser has it).
+    let h264 = q
+        .get("codecs")
+        .is_some_and(|c| c.split(',').any(|c| c.trim().eq_ignore_ascii_case("h264")));
     ws.max_message_size(MAX_MESSAGE)
         .max_frame_size(MAX_MESSAGE)
-        .on_upgrade(move |socket| serve(rooms, claims, name, socket))
+        .on_upgrade(move |socket| serve(rooms, claims, name, h264, socket))
 }
 
-async fn serve(rooms: Rooms, claims: Claims, name: String, socket: WebSocket) {
+async fn serve(rooms: Rooms, claims: Claims, name: String, h264: bool, socket: WebSocket) {
     let (mut sink, mut stream) = socket.split();
     let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
     let writer = tokio::spawn(async move {
@@ -92,7 +97,7 @@ async fn serve(rooms: Rooms, claims: Claims, name: String, socket: WebSocket) {
     });
     let room = claims.room.clone();
     let identity = claims.sub.clone();
-    let joined = match rooms.join(claims.clone(), name, tx.clone()).await {
+    let joined = match rooms.join(claims.clone(), name, h264, tx.clone()).await {
         Ok(j) => j,
         Err(e) => {
             let _ = tx.send(Outgoing::Message(ServerMessage::Error {

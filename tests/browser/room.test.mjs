@@ -17,10 +17,10 @@ after(async () => {
   await server?.stop();
 });
 
-async function join(room, identity, name, base = server.url, viewport = { width: 390, height: 844 }, grant = undefined) {
+async function join(room, identity, name, base = server.url, viewport = { width: 390, height: 844 }, grant = undefined, query = '') {
   const context = await browser.newContext({ viewport });
   const page = await context.newPage();
-  await page.goto(`${base}/room/${room}?token=${server.token(room, identity, { name, grant })}`);
+  await page.goto(`${base}/room/${room}?token=${server.token(room, identity, { name, grant })}${query}`);
   await page.getByRole('button', { name: '加入会议' }).click();
   await page.locator('#meeting').waitFor();
   return { page, context };
@@ -88,6 +88,44 @@ test('two members see each other, a third comes and goes', async () => {
 async function decodingTracks(page, min) {
   return (await framesDecoded(page)).filter((n) => n > min).length;
 }
+
+/** Codec of each inbound video track whose decoded-frame count rose over the last second. */
+async function decodingCodecs(page) {
+  const sample = () => page.evaluate(async () => {
+    const stats = await window.__room.sub.getStats();
+    const out = {};
+    stats.forEach((s) => {
+      if (s.type === 'inbound-rtp' && s.kind === 'video') out[s.id] = [s.framesDecoded ?? 0, stats.get(s.codecId)?.mimeType];
+    });
+    return out;
+  });
+  const before = await sample();
+  await new Promise((r) => setTimeout(r, 1000));
+  const after = await sample();
+  return Object.entries(after).filter(([id, [n]]) => n > (before[id]?.[0] ?? 0)).map(([, [, mime]]) => mime).sort();
+}
+
+test('video goes as H.264 while everyone can decode it, VP8 when someone cannot', async () => {
+  const a = await join('branch-6', 'alice', '张三');
+  const b = await join('branch-6', 'bob', '李四');
+  for (const [who, p] of [['alice', a.page], ['bob', b.page]]) {
+    await waitFor(`${who} decoding H.264`, async () => {
+      const codecs = await decodingCodecs(p);
+      return codecs.join() === 'video/H264' && codecs;
+    }, 30_000);
+  }
+  // Carol's browser says it can only do VP8: everyone switches.
+  const c = await join('branch-6', 'carol', '王五', server.url, undefined, undefined, '&codecs=vp8');
+  for (const [who, p] of [['alice', a.page], ['bob', b.page], ['carol', c.page]]) {
+    await waitFor(`${who} decoding the two others as VP8`, async () => {
+      const codecs = await decodingCodecs(p);
+      return codecs.join() === 'video/VP8,video/VP8' && codecs;
+    }, 40_000);
+  }
+  const errors = await Promise.all([a, b, c].map(({ page }) => page.evaluate(() => window.__room.events.filter((e) => e === 'error').length)));
+  assert.deepEqual(errors, [0, 0, 0], 'no signaling errors');
+  await Promise.all([a.context.close(), b.context.close(), c.context.close()]);
+});
 
 test('a shared screen reaches the others', async () => {
   const a = await join('branch-2', 'alice', '张三');

@@ -13,6 +13,8 @@ const SIMULCAST = [
   { rid: 'h', scaleResolutionDownBy: 2, maxBitrate: 500_000 },
   { rid: 'f', maxBitrate: 1_500_000 },
 ];
+/** The room's video codec, from the server: H.264 while everyone can decode it. */
+let videoCodec = 'vp8';
 /** track id → the quality last asked of the server */
 const asked = new Map();
 
@@ -87,6 +89,57 @@ async function switchDevice() {
   /** @type {HTMLVideoElement} */ ($('preview')).srcObject = camStream;
 }
 
+// ---------- codecs ----------
+
+/** What this browser can both send and receive. `?codecs=vp8` on the page overrides it. */
+function supportedCodecs() {
+  const forced = new URLSearchParams(location.search).get('codecs');
+  if (forced) return forced.split(',');
+  const h264 = (caps) => (caps?.codecs ?? []).some((c) => c.mimeType.toLowerCase() === 'video/h264' && /packetization-mode=1/.test(c.sdpFmtpLine ?? ''));
+  const both = h264(RTCRtpSender.getCapabilities?.('video')) && h264(RTCRtpReceiver.getCapabilities?.('video'));
+  return both ? ['h264', 'vp8'] : ['vp8'];
+}
+
+/** Puts the room's codec first in a video transceiver's preferences (H.264: the server's profile first). */
+function preferCodec(/** @type {RTCRtpTransceiver} */ tr) {
+  const caps = RTCRtpReceiver.getCapabilities?.('video')?.codecs;
+  if (!caps || !tr.setCodecPreferences) return;
+  const want = videoCodec === 'h264' ? 'video/h264' : 'video/vp8';
+  const rank = (/** @type {RTCRtpCodec} */ c) => {
+    if (c.mimeType.toLowerCase() !== want) return 3;
+    if (want === 'video/vp8') return 0;
+    const fmtp = c.sdpFmtpLine ?? '';
+    return /packetization-mode=1/.test(fmtp) ? (/profile-level-id=42e01f/.test(fmtp) ? 0 : 1) : 2;
+  };
+  const ordered = [...caps].sort((a, b) => rank(a) - rank(b));
+  try {
+    tr.setCodecPreferences(ordered);
+  } catch (e) {
+    console.warn('setCodecPreferences', e);
+  }
+}
+
+/** The room changed codec: publish each video again so the others can decode it. */
+function republishVideo() {
+  if (!pub) return;
+  for (const tr of pub.getTransceivers()) {
+    const track = tr.sender.track;
+    if (!track || track.kind !== 'video') continue;
+    const source = sourceOf(track);
+    const id = ownTrackId(source);
+    if (id) send({ type: 'unpublish', track: id });
+    pub.removeTrack(tr.sender);
+    const camera = source === 'camera' && camStream;
+    const next = pub.addTransceiver(track, {
+      direction: 'sendonly',
+      streams: camera ? [camStream] : [],
+      sendEncodings: camera ? SIMULCAST : undefined,
+    });
+    preferCodec(next);
+  }
+  renegotiate();
+}
+
 // ---------- connection ----------
 
 function join() {
@@ -98,7 +151,8 @@ function join() {
 function connect() {
   const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
   const name = /** @type {HTMLInputElement} */ ($('display-name')).value.trim();
-  const url = `${proto}//${location.host}/rtc?access_token=${encodeURIComponent(token)}&name=${encodeURIComponent(name)}`;
+  const url = `${proto}//${location.host}/rtc?access_token=${encodeURIComponent(token)}&name=${encodeURIComponent(name)}`
+    + `&codecs=${supportedCodecs().join(',')}`;
   const socket = new WebSocket(url);
   ws = socket;
   socket.onmessage = (ev) => handle(JSON.parse(ev.data)).catch((e) => console.error('room:', e));
@@ -160,10 +214,11 @@ function publishLocal() {
     // Camera video goes out in three sizes (simulcast); the server gives each viewer the one that
     // fits its window and its bandwidth.
     const sendEncodings = t.kind === 'video' ? SIMULCAST : undefined;
-    pub.addTransceiver(t, { direction: 'sendonly', streams: [camStream], sendEncodings });
+    const tr = pub.addTransceiver(t, { direction: 'sendonly', streams: [camStream], sendEncodings });
+    if (t.kind === 'video') preferCodec(tr);
   }
   for (const t of screenStream?.getVideoTracks() ?? []) {
-    pub.addTransceiver(t, { direction: 'sendonly' });
+    preferCodec(pub.addTransceiver(t, { direction: 'sendonly' }));
   }
   renegotiate();
 }
@@ -196,6 +251,7 @@ async function handle(/** @type {any} */ msg) {
     case 'joined': {
       me = msg.you.identity;
       iceServers = msg.ice_servers;
+      videoCodec = msg.video_codec;
       participants.clear();
       for (const p of msg.participants) participants.set(p.identity, p);
       participants.set(me, msg.you);
@@ -246,6 +302,12 @@ async function handle(/** @type {any} */ msg) {
       for (const s of msg.speakers) speakersSeen.add(s);
       for (const el of document.querySelectorAll('.tile')) {
         el.classList.toggle('speaking', msg.speakers.includes(/** @type {HTMLElement} */ (el).dataset.identity));
+      }
+      break;
+    case 'video_codec':
+      if (msg.codec !== videoCodec) {
+        videoCodec = msg.codec;
+        republishVideo();
       }
       break;
     case 'publisher_layers':
@@ -417,7 +479,7 @@ async function toggleScreen() {
   }
   const [track] = screenStream.getVideoTracks();
   track.addEventListener('ended', () => { if (screenStream) toggleScreen(); });
-  pub?.addTransceiver(track, { direction: 'sendonly' });
+  if (pub) preferCodec(pub.addTransceiver(track, { direction: 'sendonly' }));
   $('screen-button').setAttribute('aria-pressed', 'true');
   renegotiate();
 }
