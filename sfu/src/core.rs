@@ -157,6 +157,24 @@ pub struct SfuStats {
     pub forward_errors: u64,
     pub plis: u64,
     pub layer_switches: u64,
+    /// NACKs subscribers sent us (answered from the send history, by RTX where negotiated).
+    pub nacks_received: u64,
+    /// NACKs we sent publishers for packets lost on the way in.
+    pub nacks_sent: u64,
+}
+
+/// NACK counts of one connection, from the engine's statistics.
+fn nack_counts(pc: &mut RTCPeerConnection, now: Instant) -> (u64, u64) {
+    let report = pc.get_stats(now, rtc::statistics::StatsSelector::None);
+    let received = report
+        .outbound_rtp_streams()
+        .map(|s| u64::from(s.nack_count))
+        .sum();
+    let sent = report
+        .inbound_rtp_streams()
+        .map(|s| u64::from(s.nack_count))
+        .sum();
+    (received, sent)
 }
 
 struct Consumer {
@@ -333,8 +351,21 @@ impl Sfu {
         })
     }
 
+    /// Counters. The NACK fields count closed connections only; see [`Sfu::nack_totals`].
     pub fn stats(&self) -> SfuStats {
         self.stats
+    }
+
+    /// NACKs received and sent, live connections included (a full statistics report per
+    /// connection: call it for a scrape, not per packet).
+    pub fn nack_totals(&mut self, now: Instant) -> (u64, u64) {
+        let (mut received, mut sent) = (self.stats.nacks_received, self.stats.nacks_sent);
+        for p in self.peers.values_mut() {
+            let (r, s) = nack_counts(&mut p.pc, now);
+            received += r;
+            sent += s;
+        }
+        (received, sent)
     }
 
     pub fn advertised(&self) -> SocketAddr {
@@ -463,6 +494,10 @@ impl Sfu {
         let Some(mut p) = self.peers.remove(&peer) else {
             return;
         };
+        // Keep its NACK counts, so the totals never go backwards.
+        let (received, sent) = nack_counts(&mut p.pc, now);
+        self.stats.nacks_received += received;
+        self.stats.nacks_sent += sent;
         self.by_ufrag.remove(&p.ufrag);
         self.by_addr.retain(|_, id| *id != peer);
         if let Some(list) = self.routers.get_mut(&p.router) {

@@ -274,8 +274,10 @@ async fn run(
                     Command::RemoveProducer { producer } => sfu.remove_producer(now, producer),
                     Command::SetPreference { peer, producer, layer } => sfu.set_preference(now, peer, producer, layer),
                     Command::Stats { reply } => {
+                        let mut stats = sfu.stats();
+                        (stats.nacks_received, stats.nacks_sent) = sfu.nack_totals(now);
                         let _ = reply.send(Snapshot {
-                            stats: sfu.stats(),
+                            stats,
                             peers: sfu.peer_count(),
                             producers: sfu.producer_count(),
                             send_drops,
