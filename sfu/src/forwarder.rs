@@ -335,7 +335,9 @@ mod tests {
             bitrate_bps: kbps * 1000,
         };
         let all = [l(true, 150), l(true, 500), l(true, 1500)];
-        let table: [(&[LayerState], Layer, Option<u64>, Option<Layer>); 8] = [
+        // (layers, cap, estimate, expected)
+        type Row<'a> = (&'a [LayerState], Layer, Option<u64>, Option<Layer>);
+        let table: [Row; 8] = [
             (&all, 2, None, Some(2)),
             (&all, 2, Some(2_000_000), Some(2)),
             (&all, 2, Some(1_000_000), Some(1)),
