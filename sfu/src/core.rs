@@ -458,7 +458,7 @@ impl Sfu {
         let answer = p.pc.create_answer(None)?;
         p.pc.set_local_description(now, answer.clone())?;
         self.drain(now, peer);
-        Ok(answer.sdp)
+        Ok(with_opus_dtx(&answer.sdp))
     }
 
     /// Applies a subscriber's answer to our last offer.
@@ -1282,4 +1282,51 @@ fn sender_ssrc_pt(
         .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(mime))
         .map(|c| c.payload_type)?;
     Some((ssrc, pt))
+}
+
+/// Asks the publisher to send Opus with DTX (silence costs almost nothing, and silent
+/// participants drop out of the active-speaker list) by adding `usedtx=1` to the Opus `fmtp`
+/// lines of our answer. The engine answers with the offer's parameters, so it is added here.
+pub fn with_opus_dtx(sdp: &str) -> String {
+    let opus_pts: Vec<&str> = sdp
+        .lines()
+        .filter_map(|l| l.strip_prefix("a=rtpmap:"))
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(_, codec)| codec.to_ascii_lowercase().starts_with("opus/"))
+        .map(|(pt, _)| pt)
+        .collect();
+    let mut out = String::with_capacity(sdp.len() + 16 * opus_pts.len());
+    for line in sdp.split_inclusive('\n') {
+        let body = line.trim_end_matches(['\r', '\n']);
+        let is_opus_fmtp = body
+            .strip_prefix("a=fmtp:")
+            .and_then(|l| l.split_once(' '))
+            .is_some_and(|(pt, params)| opus_pts.contains(&pt) && !params.contains("usedtx"));
+        if is_opus_fmtp {
+            out.push_str(body);
+            out.push_str(";usedtx=1");
+            out.push_str(&line[body.len()..]);
+        } else {
+            out.push_str(line);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_ask_for_opus_dtx_only() {
+        let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\na=fmtp:111 minptime=10;useinbandfec=1\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=rtpmap:96 VP8/90000\r\na=fmtp:96 x-google=1\r\n";
+        let out = with_opus_dtx(sdp);
+        assert!(
+            out.contains("a=fmtp:111 minptime=10;useinbandfec=1;usedtx=1\r\n"),
+            "{out}"
+        );
+        assert!(out.contains("a=fmtp:96 x-google=1\r\n"), "video untouched");
+        assert_eq!(with_opus_dtx(&out), out, "applied once");
+        assert_eq!(with_opus_dtx("garbage"), "garbage");
+    }
 }

@@ -493,6 +493,7 @@ $('leave-button').addEventListener('click', () => { send({ type: 'leave' }); lef
 // Connection quality from what the browser measures: round-trip time and loss.
 setInterval(async () => {
   if (!pub || $('meeting').hidden) return;
+  /** @type {number | null} */
   let rtt = null;
   let lost = 0;
   let received = 0;
@@ -506,7 +507,8 @@ setInterval(async () => {
   }
   const loss = received + lost > 0 ? lost / (received + lost) : 0;
   const el = $('quality');
-  const level = rtt === null ? 'unknown' : rtt < 0.15 && loss < 0.02 ? 'good' : rtt < 0.4 && loss < 0.08 ? 'fair' : 'poor';
+  const r = /** @type {number | null} */ (rtt);
+  const level = r === null ? 'unknown' : r < 0.15 && loss < 0.02 ? 'good' : r < 0.4 && loss < 0.08 ? 'fair' : 'poor';
   el.dataset.level = level;
   el.textContent = { good: '连接良好', fair: '连接一般', poor: '连接较差', unknown: '连接中…' }[level];
 }, 2000);
