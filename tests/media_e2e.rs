@@ -40,6 +40,9 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// How long connecting (signaling, ICE, DTLS, first packets) may take.
+/// Serialises the media tests of this file (each runs a server, several clients and timers).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const CONNECT: Duration = Duration::from_secs(10);
 /// The longest a client loop sleeps, so that it notices the test's instructions quickly.
 const IDLE: Duration = Duration::from_millis(5);
@@ -53,6 +56,8 @@ const VIDEO_MAGIC: u8 = 0xD3;
 const AUDIO_MAGIC: u8 = 0xA5;
 /// Video trailer: magic, layer, frame (4), packet index, packets in the frame, keyframe, magic.
 const VIDEO_TRAILER: usize = 10;
+/// How much a narrow link lets through in one burst: its rate for this long.
+const BUCKET_DEPTH: Duration = Duration::from_millis(100);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -203,9 +208,15 @@ struct Endpoint {
 
 impl Endpoint {
     async fn new() -> Endpoint {
+        Endpoint::with(|addr| sfu::engine::client_peer_connection(Instant::now(), addr).unwrap())
+            .await
+    }
+
+    async fn with(make_pc: impl FnOnce(SocketAddr) -> RTCPeerConnection) -> Endpoint {
         let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        widen_receive_buffer(&sock);
         let addr = sock.local_addr().unwrap();
-        let pc = sfu::engine::client_peer_connection(Instant::now(), addr).unwrap();
+        let pc = make_pc(addr);
         Endpoint {
             pc,
             sock,
@@ -245,6 +256,62 @@ impl Endpoint {
     fn deadline(&mut self, latest: Instant) -> Instant {
         self.pc.poll_timeout().map_or(latest, |t| t.min(latest))
     }
+}
+
+/// Room for bursts: the server answers a NACK listing many packets with all of them at once, and
+/// after heavy loss the default receive buffer (~200 KiB) overflows, which is loss no test asked
+/// for.
+fn widen_receive_buffer(sock: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let size: libc::c_int = 4 << 20;
+    // SAFETY: an open socket, and an option value of the length given.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+}
+
+/// [`sfu::engine::client_peer_connection`], but asking for a lost packet at most `max_nacks`
+/// times, as a browser does.
+fn bounded_nack_client(addr: SocketAddr, max_nacks: u16) -> RTCPeerConnection {
+    use rtc::interceptor::{NackGeneratorBuilder, Slot};
+    use rtc::peer_connection::RTCPeerConnectionBuilder;
+    use rtc::peer_connection::configuration::RTCConfigurationBuilder;
+    use rtc::peer_connection::configuration::interceptor_registry::{
+        Registry, register_default_interceptors,
+    };
+    use rtc::peer_connection::configuration::media_engine::MediaEngine;
+    use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
+    let mut me = MediaEngine::default();
+    me.register_default_codecs().unwrap();
+    let registry = Registry::new().with(
+        Slot::from(14_000),
+        sfu::engine::DeliverRtcpFeedback::default(),
+    );
+    let registry = register_default_interceptors(registry, &mut me)
+        .unwrap()
+        .with(
+            Slot::NackGenerator,
+            NackGeneratorBuilder::new()
+                .with_max_nacks_per_packet(max_nacks)
+                .build(),
+        );
+    let mut pc = RTCPeerConnectionBuilder::new()
+        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_media_engine(me)
+        .with_setting_engine(SettingEngineBuilder::new().build())
+        .with_interceptor_registry(registry)
+        .build(Instant::now())
+        .unwrap();
+    pc.add_local_candidate(sfu::engine::host_candidate(addr, false).unwrap())
+        .unwrap();
+    pc
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -791,6 +858,8 @@ struct SubLog {
     rtx_datagrams: u64,
     rtx_pts: HashSet<u8>,
     rembs: u64,
+    /// Every RTP datagram that reached the socket, dropped or not: (when, bytes).
+    rtp_in: Vec<(Instant, usize)>,
     problems: Vec<String>,
 }
 
@@ -800,6 +869,9 @@ struct SubCtl {
     drop_per_mille: u64,
     /// Sends REMB with this estimate every 200 ms while set.
     remb_bps: Option<f32>,
+    /// While set, a narrow link: RTP datagrams beyond this many bits per second are dropped (a
+    /// token bucket holding [`BUCKET_DEPTH`] worth, so a burst cannot hide the loss).
+    rate_limit_bps: Option<u64>,
     quit: bool,
 }
 
@@ -821,6 +893,8 @@ struct Subscriber {
     video_receiver: Option<(RTCRtpReceiverId, u32)>,
     receivers: HashMap<String, (RTCRtpReceiverId, u32)>,
     next_remb: Instant,
+    /// The narrow link's token bucket: (bytes, last refill).
+    bucket: Option<(f64, Instant)>,
 }
 
 async fn spawn_subscriber(
@@ -829,8 +903,17 @@ async fn spawn_subscriber(
     identity: &str,
     drop_per_mille: u64,
 ) -> SubHandle {
+    spawn_subscriber_on(app, room, identity, drop_per_mille, Endpoint::new().await).await
+}
+
+async fn spawn_subscriber_on(
+    app: &TestApp,
+    room: &str,
+    identity: &str,
+    drop_per_mille: u64,
+    ep: Endpoint,
+) -> SubHandle {
     let ws = join(app, room, identity, "subscribe").await;
-    let ep = Endpoint::new().await;
     let log = Arc::new(Mutex::new(SubLog::default()));
     let ctl = Arc::new(Mutex::new(SubCtl {
         drop_per_mille,
@@ -846,6 +929,7 @@ async fn spawn_subscriber(
         video_receiver: None,
         receivers: HashMap::new(),
         next_remb: Instant::now(),
+        bucket: None,
     };
     SubHandle {
         name: identity.into(),
@@ -914,16 +998,43 @@ impl Subscriber {
         self.ep
     }
 
-    /// One datagram from the network: counted, perhaps dropped (the lossy link), else handed on.
+    /// One datagram from the network: counted, perhaps dropped (the lossy or the narrow link),
+    /// else handed on.
     fn intake(&mut self, from: SocketAddr, data: &[u8]) {
         let rtp = rtp_fields(data);
+        let now = Instant::now();
         {
             let mut log = lock(&self.log);
             log.datagrams += 1;
-            let per_mille = lock(&self.ctl).drop_per_mille;
-            if self.connected && per_mille > 0 && self.rng.next() % 1000 < per_mille {
+            let (per_mille, limit) = {
+                let c = lock(&self.ctl);
+                (c.drop_per_mille, c.rate_limit_bps)
+            };
+            if rtp.is_some() {
+                log.rtp_in.push((now, data.len()));
+            }
+            let lossy = self.connected && per_mille > 0 && self.rng.next() % 1000 < per_mille;
+            let narrow = match limit.filter(|_| rtp.is_some()) {
+                Some(bps) => {
+                    let rate = bps as f64 / 8.0;
+                    let depth = rate * BUCKET_DEPTH.as_secs_f64();
+                    let (bytes, last) = self.bucket.get_or_insert((depth, now));
+                    *bytes = (*bytes + now.duration_since(*last).as_secs_f64() * rate).min(depth);
+                    *last = now;
+                    let over = *bytes < data.len() as f64;
+                    if !over {
+                        *bytes -= data.len() as f64;
+                    }
+                    over
+                }
+                None => {
+                    self.bucket = None;
+                    false
+                }
+            };
+            if self.connected && (lossy || narrow) {
                 if let Some((pt, seq, ssrc)) = rtp {
-                    log.dropped.push((Instant::now(), pt, seq, ssrc));
+                    log.dropped.push((now, pt, seq, ssrc));
                 }
                 return;
             }
@@ -1235,6 +1346,8 @@ async fn room_with_three_viewers(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_subscriber_gets_every_frame() {
+    // Real-time media on two cores: one of these at a time, or timing, not the server, decides.
+    let _one_at_a_time = SERIAL.lock().await;
     let app = TestApp::spawn(Backend::Sqlite).await;
     let (publisher, subs, from) = room_with_three_viewers(&app, None).await;
     let to = from + Duration::from_secs(3);
@@ -1292,6 +1405,8 @@ async fn every_subscriber_gets_every_frame() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nack_recovers_lost_packets() {
+    // Real-time media on two cores: one of these at a time, or timing, not the server, decides.
+    let _one_at_a_time = SERIAL.lock().await;
     let app = TestApp::spawn(Backend::Sqlite).await;
     let (publisher, subs, from) = room_with_three_viewers(&app, Some(2)).await;
     let to = from + Duration::from_secs(3);
@@ -1309,6 +1424,14 @@ async fn nack_recovers_lost_packets() {
     let lossy = &subs[2];
     let (f, p) = assert_every_frame(lossy, &frames);
     check_repairs(lossy, &audio, (f, frames.len(), p));
+    // Operators see it too: the NACKs the server answered are counted on /metrics.
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    let nacks: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("dangjian_sfu_nacks_received_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("NACK counter on /metrics");
+    assert!(nacks > 0, "no NACKs counted: {metrics}");
     assert_no_problems(&publisher, &subs);
     shut_down(app, publisher, subs).await;
 }
@@ -1376,15 +1499,36 @@ fn check_repairs(lossy: &SubHandle, audio: &[u32], (f, frames_sent, p): (usize, 
     );
 }
 
-/// The layer of each frame `sub` received, in arrival order, with the arrival of its first packet.
+/// Three simulcast layers: ~100 kbps, ~400 kbps and ~1.2 Mbps of payload at 30 fps.
+fn simulcast() -> Vec<LayerSpec> {
+    vec![
+        LayerSpec {
+            rid: "q",
+            frame_bytes: 417,
+            key_bytes: 834,
+        },
+        LayerSpec {
+            rid: "h",
+            frame_bytes: 1667,
+            key_bytes: 3334,
+        },
+        LayerSpec {
+            rid: "f",
+            frame_bytes: 5000,
+            key_bytes: 10000,
+        },
+    ]
+}
+
+/// The layer of each frame `sub` received, in the order of the arrival of its first packet
+/// (a late retransmission does not list a frame again), with that arrival and whether that
+/// packet starts a keyframe.
 fn frame_layers(sub: &SubHandle) -> Vec<(Instant, u8, bool)> {
     let log = lock(&sub.log);
     let mut out: Vec<(Instant, u8, bool)> = Vec::new();
-    let mut last = None;
+    let mut seen = HashSet::new();
     for r in &log.video {
-        let id = (r.tag.layer, r.tag.frame);
-        if last != Some(id) {
-            last = Some(id);
+        if seen.insert((r.tag.layer, r.tag.frame)) {
             out.push((r.at, r.tag.layer, r.tag.key && r.tag.idx == 0));
         }
     }
@@ -1410,28 +1554,12 @@ async fn wait_for_layer(sub: &SubHandle, layer: u8, limit: Duration) -> Instant 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bandwidth_cap_moves_subscriber_to_low_layer_and_back() {
+    // Real-time media on two cores: one of these at a time, or timing, not the server, decides.
+    let _one_at_a_time = SERIAL.lock().await;
     let app = TestApp::spawn(Backend::Sqlite).await;
     let capped = spawn_subscriber(&app, "sim", "bob", 0).await;
     let free = spawn_subscriber(&app, "sim", "carol", 0).await;
-    // ~100 kbps, ~400 kbps and ~1.2 Mbps of payload at 30 fps.
-    let layers = vec![
-        LayerSpec {
-            rid: "q",
-            frame_bytes: 417,
-            key_bytes: 834,
-        },
-        LayerSpec {
-            rid: "h",
-            frame_bytes: 1667,
-            key_bytes: 3334,
-        },
-        LayerSpec {
-            rid: "f",
-            frame_bytes: 5000,
-            key_bytes: 10000,
-        },
-    ];
-    let publisher = spawn_publisher(&app, "sim", "alice", layers, false).await;
+    let publisher = spawn_publisher(&app, "sim", "alice", simulcast(), false).await;
     let subs = vec![capped, free];
     wait_until(
         "both subscribers connected with the video track",
@@ -1532,6 +1660,251 @@ async fn bandwidth_cap_moves_subscriber_to_low_layer_and_back() {
          {plis} PLIs reached the publisher; frames per layer (q,h,f): capped {:?}, free {:?}",
         counts(capped),
         counts(free)
+    );
+    assert_no_problems(&publisher, &subs);
+    shut_down(app, publisher, subs).await;
+}
+
+/// What the narrow link of the next test lets through: more than the low layer, less than the
+/// middle one.
+const CAP_BPS: u64 = 300_000;
+
+/// The capped subscriber's video in sequence-number order (repairs in their place, duplicates
+/// once). Checks that it is one stream: every hole is a packet the narrow link dropped (never a
+/// number the server skipped), time never goes back, a frame's packets share one timestamp and
+/// the last carries the marker, and every change of layer lands on a keyframe (where the packets
+/// around it arrived). From frame
+/// `strict_from` on there must be no hole at all, and a layer change must follow the last packet
+/// of the old layer directly with the first packet of the new one's keyframe. Returns (packets,
+/// holes, incomplete frames, layer changes as (frame, from, to)).
+fn check_one_stream(
+    sub: &SubHandle,
+    strict_from: u32,
+) -> (usize, usize, usize, Vec<(u32, u8, u8)>) {
+    let log = lock(&sub.log);
+    let ssrc = log.video[0].ssrc;
+    let base = log.video[0].seq;
+    let mut by_seq: std::collections::BTreeMap<u16, VideoRx> = Default::default();
+    for r in &log.video {
+        assert_eq!(r.ssrc, ssrc, "{}: video SSRC changed", sub.name);
+        by_seq.entry(r.seq.wrapping_sub(base)).or_insert(*r);
+    }
+    let dropped: HashSet<u16> = log
+        .dropped
+        .iter()
+        .filter(|d| d.3 == ssrc)
+        .map(|d| d.2)
+        .collect();
+    let v: Vec<&VideoRx> = by_seq.values().collect();
+    let mut holes = 0;
+    let mut changes = Vec::new();
+    for w in v.windows(2) {
+        let (a, b) = (w[0], w[1]);
+        let gap = b.seq.wrapping_sub(a.seq) - 1;
+        holes += gap as usize;
+        for i in 1..=gap {
+            let seq = a.seq.wrapping_add(i);
+            assert!(
+                dropped.contains(&seq) && b.tag.frame < strict_from,
+                "{}: sequence number {seq} (between {:?} and {:?}) never arrived and was not \
+                 dropped by the link",
+                sub.name,
+                a.tag,
+                b.tag
+            );
+        }
+        assert!(
+            b.ts.wrapping_sub(a.ts) < 0x8000_0000,
+            "{}: timestamp goes back between {:?} and {:?}",
+            sub.name,
+            a.tag,
+            b.tag
+        );
+        if (a.tag.layer, a.tag.frame) == (b.tag.layer, b.tag.frame) {
+            assert_eq!(
+                a.ts, b.ts,
+                "{}: frame {:?} has two timestamps",
+                sub.name, b.tag
+            );
+        }
+        if a.tag.layer != b.tag.layer {
+            changes.push((b.tag.frame, a.tag.layer, b.tag.layer));
+            // After a hole the new layer's keyframe may be what the link dropped.
+            assert!(
+                gap > 0 || (b.tag.key && b.tag.idx == 0),
+                "{}: switch {} → {} not at a keyframe: {:?}",
+                sub.name,
+                a.tag.layer,
+                b.tag.layer,
+                b.tag
+            );
+            if b.tag.frame >= strict_from {
+                assert!(
+                    gap == 0 && b.tag.idx == 0 && a.tag.idx + 1 == a.tag.count,
+                    "{}: switch {} → {} between {:?} and {:?}",
+                    sub.name,
+                    a.tag.layer,
+                    b.tag.layer,
+                    a.tag,
+                    b.tag
+                );
+            }
+        }
+    }
+    let mut per_frame: HashMap<(u8, u32), (u8, usize)> = HashMap::new();
+    for r in &v {
+        assert_eq!(
+            r.marker,
+            r.tag.idx + 1 == r.tag.count,
+            "{}: marker bit of {:?}",
+            sub.name,
+            r.tag
+        );
+        per_frame
+            .entry((r.tag.layer, r.tag.frame))
+            .or_insert((r.tag.count, 0))
+            .1 += 1;
+    }
+    let partial: BTreeSet<(u32, u8)> = per_frame
+        .iter()
+        .filter(|(_, (n, got))| *n as usize != *got)
+        .map(|(k, _)| (k.1, k.0))
+        .collect();
+    let late: Vec<_> = partial.iter().filter(|f| f.0 >= strict_from).collect();
+    assert!(
+        late.is_empty(),
+        "{}: incomplete frames (frame, layer) once on the low layer: {late:?}",
+        sub.name
+    );
+    (v.len(), holes, partial.len(), changes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twcc_bandwidth_cap_moves_subscriber_to_low_layer_and_back() {
+    // Real-time media on two cores: one of these at a time, or timing, not the server, decides.
+    let _one_at_a_time = SERIAL.lock().await;
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    // A browser asks for a lost packet a limited number of times (libwebrtc: 10). The rtc
+    // client's default keeps asking every 100 ms while the packet is in its 512-packet window:
+    // after a second or two of heavy loss, ~8 Mbps of retransmissions (mostly duplicates) kept
+    // coming for 10-15 s after the link was free again, and held the estimate down.
+    let capped = spawn_subscriber_on(
+        &app,
+        "twcc",
+        "bob",
+        0,
+        Endpoint::with(|addr| bounded_nack_client(addr, 10)).await,
+    )
+    .await;
+    let free = spawn_subscriber(&app, "twcc", "carol", 0).await;
+    let publisher = spawn_publisher(&app, "twcc", "alice", simulcast(), false).await;
+    let subs = vec![capped, free];
+    wait_until(
+        "both subscribers connected with the video track",
+        CONNECT,
+        || subs.iter().all(|s| subscriber_ready(s, 1)),
+    )
+    .await;
+    let (capped, free) = (&subs[0], &subs[1]);
+    wait_for_layer(capped, 2, CONNECT).await;
+
+    // No REMB: the server knows the link only from the transport-wide feedback.
+    let t_cap = Instant::now();
+    lock(&capped.ctl).rate_limit_bps = Some(CAP_BPS);
+    let hold = Duration::from_secs(2);
+    let t_held = wait_until(
+        "the capped subscriber to stay 2 s on the low layer",
+        Duration::from_secs(15),
+        || {
+            let f = frame_layers(capped);
+            let run = f.iter().rposition(|x| x.1 != 0).map_or(0, |i| i + 1);
+            f.get(run)
+                .is_some_and(|x| x.0 > t_cap && x.0.elapsed() >= hold)
+        },
+    )
+    .await;
+    let t_lift = Instant::now();
+    lock(&capped.ctl).rate_limit_bps = None;
+    let (low_from, low_frame) = {
+        let f = frame_layers(capped);
+        let run = f.iter().rposition(|x| x.1 != 0).map_or(0, |i| i + 1);
+        let at = f[run].0;
+        let log = lock(&capped.log);
+        let first = log.video.iter().find(|r| r.at == at && r.tag.layer == 0);
+        (at, first.unwrap().tag.frame)
+    };
+    let down = low_from.saturating_duration_since(t_cap);
+    // Share of the RTP datagrams the link dropped: (until the low layer, while on it).
+    let loss = {
+        let log = lock(&capped.log);
+        let pct = |from: Instant, to: Instant| {
+            let within = |t: Instant| t >= from && t < to;
+            let all = log.rtp_in.iter().filter(|r| within(r.0)).count();
+            let lost = log.dropped.iter().filter(|d| within(d.0)).count();
+            lost * 100 / all.max(1)
+        };
+        (pct(t_cap, low_from), pct(low_from, t_lift))
+    };
+
+    let high_from = wait_for_layer(capped, 2, Duration::from_secs(20)).await;
+    let up = high_from.saturating_duration_since(t_lift);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    lock(&publisher.ctl).stop_media = true;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let capped_frames = frame_layers(capped);
+    assert!(
+        capped_frames
+            .iter()
+            .filter(|f| f.0 >= low_from && f.0 < t_held)
+            .all(|f| f.1 == 0),
+        "the capped subscriber left the low layer while capped"
+    );
+    assert!(
+        capped_frames
+            .iter()
+            .filter(|f| f.0 >= high_from)
+            .all(|f| f.1 == 2),
+        "the subscriber left the high layer again"
+    );
+    assert_eq!(
+        lock(&capped.log).rembs,
+        0,
+        "the capped subscriber sent REMB"
+    );
+
+    let (packets, holes, partial, changes) = check_one_stream(capped, low_frame);
+    let ups: Vec<(u8, u8)> = changes
+        .iter()
+        .filter(|c| c.0 > low_frame)
+        .map(|c| (c.1, c.2))
+        .collect();
+    assert!(
+        ups.first().is_some_and(|c| c.0 == 0) && ups.last().is_some_and(|c| c.1 == 2),
+        "layer changes after the cap was lifted: {ups:?}"
+    );
+    let free_layers: BTreeSet<u8> = frame_layers(free).iter().map(|f| f.1).collect();
+    assert_eq!(
+        free_layers,
+        BTreeSet::from([2]),
+        "the uncapped subscriber's layers changed"
+    );
+    let (free_packets, free_holes, free_partial, _) = check_one_stream(free, 0);
+    assert_eq!(
+        (free_holes, free_partial),
+        (0, 0),
+        "the uncapped subscriber lost packets"
+    );
+    let plis = lock(&publisher.log).plis.len();
+    println!(
+        "cap {} kbps: the link dropped {}% of the RTP datagrams until the low layer, {}% on \
+         it; low layer {down:?} after the cap (held 2 s, lifted {:?} after the cap); back on \
+         the high layer {up:?} after the lift; layer changes (frame, from, to): {changes:?}; \
+         capped: {packets} packets, {holes} lost for good, {partial} frames incomplete (all \
+         before the low layer); free: {free_packets} packets; {plis} PLIs reached the publisher",
+        CAP_BPS / 1000,
+        loss.0,
+        loss.1,
+        t_lift - t_cap
     );
     assert_no_problems(&publisher, &subs);
     shut_down(app, publisher, subs).await;

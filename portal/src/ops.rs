@@ -90,7 +90,7 @@ async fn media_metrics(state: &AppState) -> String {
     let (rooms, participants, tracks) = state.rooms.counts();
     let snap = state.rooms.sfu().snapshot().await;
     let s = snap.stats;
-    let rows: [(&str, &str, &str, u64); 15] = [
+    let rows: [(&str, &str, &str, u64); 14] = [
         ("dangjian_rooms", "gauge", "Live rooms", rooms as u64),
         (
             "dangjian_participants",
@@ -155,14 +155,8 @@ async fn media_metrics(state: &AppState) -> String {
         (
             "dangjian_sfu_nacks_received_total",
             "counter",
-            "NACKs from subscribers, answered from the send history",
+            "Packets subscribers asked for again (NACK), answered from the send history",
             s.nacks_received,
-        ),
-        (
-            "dangjian_sfu_nacks_sent_total",
-            "counter",
-            "NACKs sent to publishers for packets lost on the way in",
-            s.nacks_sent,
         ),
         (
             "dangjian_sfu_plis_total",

@@ -21,6 +21,7 @@ use rtc::peer_connection::state::RTCPeerConnectionState;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
+use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
 };
@@ -157,24 +158,9 @@ pub struct SfuStats {
     pub forward_errors: u64,
     pub plis: u64,
     pub layer_switches: u64,
-    /// NACKs subscribers sent us (answered from the send history, by RTX where negotiated).
+    /// Packets subscribers asked again for (NACK; answered from the send history, by RTX where
+    /// negotiated).
     pub nacks_received: u64,
-    /// NACKs we sent publishers for packets lost on the way in.
-    pub nacks_sent: u64,
-}
-
-/// NACK counts of one connection, from the engine's statistics.
-fn nack_counts(pc: &mut RTCPeerConnection, now: Instant) -> (u64, u64) {
-    let report = pc.get_stats(now, rtc::statistics::StatsSelector::None);
-    let received = report
-        .outbound_rtp_streams()
-        .map(|s| u64::from(s.nack_count))
-        .sum();
-    let sent = report
-        .inbound_rtp_streams()
-        .map(|s| u64::from(s.nack_count))
-        .sum();
-    (received, sent)
 }
 
 struct Consumer {
@@ -351,21 +337,8 @@ impl Sfu {
         })
     }
 
-    /// Counters. The NACK fields count closed connections only; see [`Sfu::nack_totals`].
     pub fn stats(&self) -> SfuStats {
         self.stats
-    }
-
-    /// NACKs received and sent, live connections included (a full statistics report per
-    /// connection: call it for a scrape, not per packet).
-    pub fn nack_totals(&mut self, now: Instant) -> (u64, u64) {
-        let (mut received, mut sent) = (self.stats.nacks_received, self.stats.nacks_sent);
-        for p in self.peers.values_mut() {
-            let (r, s) = nack_counts(&mut p.pc, now);
-            received += r;
-            sent += s;
-        }
-        (received, sent)
     }
 
     pub fn advertised(&self) -> SocketAddr {
@@ -494,10 +467,6 @@ impl Sfu {
         let Some(mut p) = self.peers.remove(&peer) else {
             return;
         };
-        // Keep its NACK counts, so the totals never go backwards.
-        let (received, sent) = nack_counts(&mut p.pc, now);
-        self.stats.nacks_received += received;
-        self.stats.nacks_sent += sent;
         self.by_ufrag.remove(&p.ufrag);
         self.by_addr.retain(|_, id| *id != peer);
         if let Some(list) = self.routers.get_mut(&p.router) {
@@ -1017,6 +986,13 @@ impl Sfu {
         track: &str,
         pkts: &[Box<dyn rtc::rtcp::Packet>],
     ) {
+        let asked: u32 = pkts
+            .iter()
+            .filter_map(|p| p.as_any().downcast_ref::<TransportLayerNack>())
+            .flat_map(|n| n.nacks.iter())
+            .map(|n| 1 + n.lost_packets.count_ones())
+            .sum();
+        self.stats.nacks_received += u64::from(asked);
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };

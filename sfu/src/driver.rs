@@ -141,7 +141,7 @@ pub async fn start(
     public_ip: Option<IpAddr>,
     tcp_bind: Option<SocketAddr>,
 ) -> io::Result<(SfuHandle, mpsc::UnboundedReceiver<SfuEvent>)> {
-    let socket = UdpSocket::bind(bind).await?;
+    let socket = bind_udp(bind)?;
     let local = socket.local_addr()?;
     let ip = match public_ip {
         Some(ip) => ip,
@@ -172,6 +172,21 @@ pub async fn start(
     tokio::spawn(run(socket, listener, sfu, rx, ev_tx));
     tracing::info!(%local, %advertised, ?advertised_tcp, "media sockets ready");
     Ok((SfuHandle { tx, advertised }, ev_rx))
+}
+
+/// Kernel buffers for the media socket: bursts (keyframes, retransmissions, many subscribers)
+/// must not overflow the default ~200 KiB between two turns of the driver loop.
+const UDP_BUFFER: usize = 4 << 20;
+
+fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // The kernel may cap these (net.core.rmem_max); a smaller buffer is not an error.
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER);
+    socket.bind(&addr.into())?;
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket.into())
 }
 
 /// Frames queued for one ICE-TCP connection before further ones are dropped.
@@ -274,10 +289,8 @@ async fn run(
                     Command::RemoveProducer { producer } => sfu.remove_producer(now, producer),
                     Command::SetPreference { peer, producer, layer } => sfu.set_preference(now, peer, producer, layer),
                     Command::Stats { reply } => {
-                        let mut stats = sfu.stats();
-                        (stats.nacks_received, stats.nacks_sent) = sfu.nack_totals(now);
                         let _ = reply.send(Snapshot {
-                            stats,
+                            stats: sfu.stats(),
                             peers: sfu.peer_count(),
                             producers: sfu.producer_count(),
                             send_drops,

@@ -29,6 +29,7 @@ use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
+use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpHeaderExtensionCapability, RtpCodecKind,
 };
@@ -156,6 +157,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverRtcpFeedback {
                 p.is::<PictureLossIndication>()
                     || p.is::<FullIntraRequest>()
                     || p.is::<ReceiverEstimatedMaximumBitrate>()
+                    || p.is::<TransportLayerNack>()
             })
         {
             msg.message.add(Attribute::DeliverToApplication);
