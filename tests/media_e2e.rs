@@ -13,8 +13,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use common::rtc::{Ws, join, sdp_candidates, sdp_mids, ws_send};
 use common::{Backend, TestApp};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::RTCPeerConnection;
 use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_OPUS, MIME_TYPE_VP8};
@@ -31,13 +32,9 @@ use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId};
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use serde_json::{Value, json};
-use signaling::token::{Grants, TokenKey, TokenRequest};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// How long connecting (signaling, ICE, DTLS, first packets) may take.
 /// Serialises the media tests of this file (each runs a server, several clients and timers).
@@ -318,69 +315,6 @@ fn bounded_nack_client(addr: SocketAddr, max_nacks: u16) -> RTCPeerConnection {
 // Signaling
 // ---------------------------------------------------------------------------------------------
 
-fn token(app: &TestApp, room: &str, identity: &str, grants: &str) -> String {
-    let hex = std::fs::read_to_string(app.data_dir().join("token.key")).unwrap();
-    TokenKey::from_hex(&hex)
-        .unwrap()
-        .mint(&TokenRequest {
-            room: room.into(),
-            identity: identity.into(),
-            name: identity.into(),
-            grants: grants.parse::<Grants>().unwrap(),
-            ttl: Duration::from_secs(3600),
-        })
-        .unwrap()
-}
-
-/// Opens the WebSocket and waits for `joined`.
-async fn join(app: &TestApp, room: &str, identity: &str, grants: &str) -> Ws {
-    let url = format!(
-        "ws://{}/rtc?access_token={}",
-        app.addr,
-        token(app, room, identity, grants)
-    );
-    let (mut ws, _) = tokio::time::timeout(CONNECT, connect_async(url))
-        .await
-        .expect("WebSocket handshake timed out")
-        .unwrap_or_else(|e| panic!("{identity} cannot connect: {e}"));
-    loop {
-        let frame = tokio::time::timeout(CONNECT, ws.next())
-            .await
-            .unwrap_or_else(|_| panic!("{identity} got no `joined`"));
-        match frame {
-            Some(Ok(Message::Text(t))) => {
-                let v: Value = serde_json::from_str(&t).unwrap();
-                assert_eq!(v["type"], "joined", "{identity}'s first message: {v}");
-                return ws;
-            }
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            other => panic!("{identity} expected `joined`, got {other:?}"),
-        }
-    }
-}
-
-async fn ws_send(ws: &mut Ws, v: Value) {
-    ws.send(Message::text(v.to_string()))
-        .await
-        .expect("WebSocket send");
-}
-
-/// (kind, mid) of each m-section.
-fn sdp_mids(sdp: &str) -> Vec<(String, String)> {
-    sdp.split("\nm=")
-        .skip(1)
-        .map(|s| {
-            let kind = s.split(' ').next().unwrap_or_default().to_string();
-            let mid = s
-                .lines()
-                .find_map(|l| l.trim_end().strip_prefix("a=mid:"))
-                .unwrap_or_default()
-                .to_string();
-            (kind, mid)
-        })
-        .collect()
-}
-
 /// Payload types of the RTX codecs in an SDP.
 fn rtx_payload_types(sdp: &str) -> HashSet<u8> {
     sdp.lines()
@@ -391,17 +325,6 @@ fn rtx_payload_types(sdp: &str) -> HashSet<u8> {
                 .to_ascii_lowercase()
                 .starts_with("rtx/")
                 .then(|| pt.parse().ok())?
-        })
-        .collect()
-}
-
-/// The `ip port` of every candidate in an SDP.
-fn sdp_candidates(sdp: &str) -> Vec<String> {
-    sdp.lines()
-        .filter_map(|l| l.trim_end().strip_prefix("a=candidate:"))
-        .map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            format!("{}:{}", f.get(4).unwrap_or(&""), f.get(5).unwrap_or(&""))
         })
         .collect()
 }

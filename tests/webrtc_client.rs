@@ -14,8 +14,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::rtc::{Ws, join, sdp_candidates, sdp_mids, ws_send};
 use common::{Backend, TestApp};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use rtc::ice::mdns::MulticastDnsMode;
 use rtc::ice::network_type::NetworkType;
 use rtc::media_stream::MediaStreamTrack;
@@ -24,11 +25,8 @@ use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
 };
 use serde_json::{Value, json};
-use signaling::token::{Grants, TokenKey, TokenRequest};
-use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
 use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
@@ -39,7 +37,6 @@ use webrtc::peer_connection::{
 };
 use webrtc::rtp_transceiver::RtpSender;
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 type Pc = Arc<dyn PeerConnection>;
 type BoxFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
@@ -168,80 +165,6 @@ fn opus() -> RTCRtpCodec {
 // ---------------------------------------------------------------------------------------------
 // Signaling (as in media_e2e.rs)
 // ---------------------------------------------------------------------------------------------
-
-fn token(app: &TestApp, room: &str, identity: &str, grants: &str) -> String {
-    let hex = std::fs::read_to_string(app.data_dir().join("token.key")).unwrap();
-    TokenKey::from_hex(&hex)
-        .unwrap()
-        .mint(&TokenRequest {
-            room: room.into(),
-            identity: identity.into(),
-            name: identity.into(),
-            grants: grants.parse::<Grants>().unwrap(),
-            ttl: Duration::from_secs(3600),
-        })
-        .unwrap()
-}
-
-/// Opens the WebSocket and waits for `joined`.
-async fn join(app: &TestApp, room: &str, identity: &str, grants: &str) -> Ws {
-    let url = format!(
-        "ws://{}/rtc?access_token={}",
-        app.addr,
-        token(app, room, identity, grants)
-    );
-    let (mut ws, _) = tokio::time::timeout(CONNECT, connect_async(url))
-        .await
-        .expect("WebSocket handshake timed out")
-        .unwrap_or_else(|e| panic!("{identity} cannot connect: {e}"));
-    loop {
-        let frame = tokio::time::timeout(CONNECT, ws.next())
-            .await
-            .unwrap_or_else(|_| panic!("{identity} got no `joined`"));
-        match frame {
-            Some(Ok(Message::Text(t))) => {
-                let v: Value = serde_json::from_str(&t).unwrap();
-                assert_eq!(v["type"], "joined", "{identity}'s first message: {v}");
-                return ws;
-            }
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            other => panic!("{identity} expected `joined`, got {other:?}"),
-        }
-    }
-}
-
-async fn ws_send(ws: &mut Ws, v: Value) {
-    ws.send(Message::text(v.to_string()))
-        .await
-        .expect("WebSocket send");
-}
-
-/// (kind, mid) of each m-section.
-fn sdp_mids(sdp: &str) -> Vec<(String, String)> {
-    sdp.split("\nm=")
-        .skip(1)
-        .map(|s| {
-            let kind = s.split(' ').next().unwrap_or_default().to_string();
-            let mid = s
-                .lines()
-                .find_map(|l| l.trim_end().strip_prefix("a=mid:"))
-                .unwrap_or_default()
-                .to_string();
-            (kind, mid)
-        })
-        .collect()
-}
-
-/// The `ip:port` of every candidate in an SDP.
-fn sdp_candidates(sdp: &str) -> Vec<String> {
-    sdp.lines()
-        .filter_map(|l| l.trim_end().strip_prefix("a=candidate:"))
-        .map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            format!("{}:{}", f.get(4).unwrap_or(&""), f.get(5).unwrap_or(&""))
-        })
-        .collect()
-}
 
 /// Records the problem unless every candidate in `sdp` is on 127.0.0.1.
 fn check_loopback(what: &str, sdp: &str, problems: &mut Vec<String>) {

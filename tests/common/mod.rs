@@ -2,6 +2,8 @@
 //! directory, or a PostgreSQL database created for it and dropped afterwards).
 #![allow(dead_code)]
 
+pub mod rtc;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
