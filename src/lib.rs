@@ -163,6 +163,19 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         .with_context(|| format!("cannot listen on {}", config.http))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, media = %sfu.advertised(), storage = %storage.describe, database = ?db.backend, "serving");
+    // Expired sign-in sessions are useless rows: clear them out now and then.
+    let purge_db = db.clone();
+    let purge = tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
+        loop {
+            every.tick().await;
+            match portal::auth::purge_expired_sessions(&purge_db).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(sessions = n, "purged expired sessions"),
+                Err(e) => tracing::warn!(error = %e, "cannot purge expired sessions"),
+            }
+        }
+    });
     let (tx, rx) = oneshot::channel::<()>();
     let app = portal::app(state).into_make_service_with_connect_info::<SocketAddr>();
     let task = tokio::spawn(async move {
@@ -172,6 +185,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
             })
             .await
             .context("HTTP server failed")?;
+        purge.abort();
         db.pool.close().await;
         Ok(())
     });

@@ -355,6 +355,32 @@ async fn generated_admin_must_change_password_first(backend: Backend) {
     again.stop().await.unwrap();
 }
 
+async fn expired_sessions_are_purged(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.sign_in_admin().await;
+    let db = portal::db::Db::connect_only(&app.database_url())
+        .await
+        .unwrap();
+    sqlx_any_exec(&db, "INSERT INTO sessions (token_hash, user_id, created_at, expires_at) SELECT 'old', id, 0, 1 FROM users WHERE username = 'admin'").await;
+    let count = |db: portal::db::Db| async move {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM sessions")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        n
+    };
+    assert_eq!(count(db.clone()).await, 2);
+    assert_eq!(portal::auth::purge_expired_sessions(&db).await.unwrap(), 1);
+    assert_eq!(count(db.clone()).await, 1, "the live session stays");
+    assert_eq!(app.get("/api/v1/me").await.status(), 200, "and still works");
+    db.pool.close().await;
+    app.stop().await;
+}
+
+async fn sqlx_any_exec(db: &portal::db::Db, sql: &str) {
+    sqlx::query(sql).execute(&db.pool).await.unwrap();
+}
+
 on_both_databases!(
     sign_in_sets_cookie_and_sign_out_ends_it,
     wrong_password_is_401_then_throttled,
@@ -365,4 +391,5 @@ on_both_databases!(
     cross_site_requests_are_refused,
     sign_in_form_needs_its_csrf_token,
     generated_admin_must_change_password_first,
+    expired_sessions_are_purged,
 );

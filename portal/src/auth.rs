@@ -300,6 +300,15 @@ async fn session_user(db: &Db, token: &str) -> Result<Option<User>, AppError> {
     }
 }
 
+/// Deletes sessions past their expiry; returns how many. Run periodically by the binary.
+pub async fn purge_expired_sessions(db: &Db) -> Result<u64, AppError> {
+    let done = sqlx::query("DELETE FROM sessions WHERE expires_at <= $1")
+        .bind(now_ms())
+        .execute(&db.pool)
+        .await?;
+    Ok(done.rows_affected())
+}
+
 pub fn session_cookie(token: &str, secure: bool) -> String {
     format!(
         "{SESSION_COOKIE}={token}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}{}",

@@ -127,6 +127,17 @@ impl TestApp {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// The URL of this app's database (for tests that look inside it).
+    pub fn database_url(&self) -> String {
+        match &self.pg {
+            Some(pg) => pg.url.clone(),
+            None => format!(
+                "sqlite://{}?mode=rwc",
+                self.dir.path().join("dangjian.db").display()
+            ),
+        }
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().to_path_buf()
     }
