@@ -477,7 +477,7 @@ impl Sfu {
         }
         let _ = p.pc.close();
         while let Some(m) = p.pc.poll_write() {
-            self.push_transmit(m.transport.peer_addr, m.message);
+            queue_transmit(&mut self.stats, &mut self.transmits, m);
         }
         for producer in p.producers.into_values() {
             self.remove_producer(now, producer);
@@ -928,28 +928,12 @@ impl Sfu {
         self.events.pop_front()
     }
 
-    fn push_transmit(&mut self, to: SocketAddr, data: BytesMut) {
-        self.stats.datagrams_out += 1;
-        self.stats.bytes_out += data.len() as u64;
-        self.transmits.push_back(Transmit {
-            to,
-            tcp: false,
-            data,
-        });
-    }
-
     fn drain_writes(&mut self, peer: PeerId) {
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
         while let Some(m) = p.pc.poll_write() {
-            self.stats.datagrams_out += 1;
-            self.stats.bytes_out += m.message.len() as u64;
-            self.transmits.push_back(Transmit {
-                to: m.transport.peer_addr,
-                tcp: m.transport.transport_protocol == TransportProtocol::TCP,
-                data: m.message,
-            });
+            queue_transmit(&mut self.stats, &mut self.transmits, m);
         }
     }
 
@@ -1241,6 +1225,18 @@ impl Sfu {
             self.drain_writes(sub);
         }
     }
+}
+
+/// Counts a datagram the engine wants sent and queues it for the socket it belongs to (the
+/// close notice of a peer on ICE-TCP goes back over TCP too).
+fn queue_transmit(stats: &mut SfuStats, transmits: &mut VecDeque<Transmit>, m: TaggedBytesMut) {
+    stats.datagrams_out += 1;
+    stats.bytes_out += m.message.len() as u64;
+    transmits.push_back(Transmit {
+        to: m.transport.peer_addr,
+        tcp: m.transport.transport_protocol == TransportProtocol::TCP,
+        data: m.message,
+    });
 }
 
 fn sender_ssrc_pt(

@@ -84,8 +84,12 @@ struct Room {
 
 impl Room {
     /// H.264 when everyone can decode it; tells everyone when that changes.
-    fn update_codec(&mut self) {
-        let codec = if !self.participants.is_empty() && self.participants.values().all(|p| p.h264) {
+    /// H.264 when everyone, including a `newcomer` about to enter, can decode it; tells the
+    /// people already in the room when that changes.
+    fn update_codec(&mut self, newcomer: Option<bool>) {
+        let anyone = newcomer.is_some() || !self.participants.is_empty();
+        let all = newcomer.unwrap_or(true) && self.participants.values().all(|p| p.h264);
+        let codec = if anyone && all {
             VideoCodec::H264
         } else {
             VideoCodec::Vp8
@@ -260,15 +264,7 @@ impl Rooms {
             disconnected_at: None,
         };
         // The newcomer counts: if it cannot decode H.264, the others switch before it arrives.
-        let codec = if h264 && room.participants.values().all(|p| p.h264) {
-            VideoCodec::H264
-        } else {
-            VideoCodec::Vp8
-        };
-        if codec != room.video_codec {
-            room.video_codec = codec;
-            room.broadcast(None, &ServerMessage::VideoCodec { codec });
-        }
+        room.update_codec(Some(h264));
         let you = participant.info(&identity);
         let others: Vec<ParticipantInfo> =
             room.participants.iter().map(|(id, p)| p.info(id)).collect();
@@ -371,7 +367,7 @@ impl Rooms {
                     identity: identity.into(),
                 },
             );
-            room.update_codec();
+            room.update_codec(None);
             let empty = room.participants.is_empty();
             if empty {
                 room.empty_since = Some(Instant::now());
