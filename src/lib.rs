@@ -150,18 +150,37 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         sfu.clone(),
     );
     tokio::spawn(rooms.clone().run_events(sfu_events));
+    let listener = TcpListener::bind(config.http)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.http))?;
+    let addr = listener.local_addr()?;
+    let spool_dir = config.data_dir.join("spool");
+    std::fs::create_dir_all(&spool_dir)
+        .with_context(|| format!("cannot create {}", spool_dir.display()))?;
+    // The recorder joins rooms through this server's own WebSocket, like any participant.
+    let (recorder, recorder_events) = recorder::Recorder::new(recorder::RecorderConfig {
+        rtc_url: format!("ws://{}/rtc", loopback(addr)),
+        tokens: tokens.clone(),
+        store: storage.store.clone(),
+        spool_dir,
+    });
     let state = AppState::new(
         db.clone(),
         storage.clone(),
         tokens,
         config.secure_cookies,
         rooms,
+        recorder,
     )
     .await?;
-    let listener = TcpListener::bind(config.http)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.http))?;
-    let addr = listener.local_addr()?;
+    // Recordings a previous process left unfinished, then the catalogue's long-running tasks.
+    let mut background = vec![tokio::spawn(portal::recordings::resume_unfinished(
+        state.clone(),
+    ))];
+    background.extend(portal::recordings::spawn_background(
+        &state,
+        recorder_events,
+    ));
     tracing::info!(%addr, media = %sfu.advertised(), storage = %storage.describe, database = ?db.backend, "serving");
     // Expired sign-in sessions are useless rows: clear them out now and then.
     let purge_db = db.clone();
@@ -186,6 +205,9 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
             .await
             .context("HTTP server failed")?;
         purge.abort();
+        for task in background {
+            task.abort();
+        }
         db.pool.close().await;
         Ok(())
     });
@@ -196,6 +218,19 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         shutdown: Some(tx),
         task,
     })
+}
+
+/// `addr` as this machine reaches it: a wildcard bind is reached on loopback.
+fn loopback(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, addr.port()))
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        _ => addr,
+    }
 }
 
 /// The address of the interface that holds the default route, for advertising a socket bound to

@@ -102,17 +102,26 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn shutdown_signal() {
+/// Resolves at SIGTERM or Ctrl-C. The handlers are installed at once, when this is called (not
+/// when first polled), so a signal that comes while the server is still starting is not lost.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    let term = signal(SignalKind::terminate()).ok();
+    async move {
+        let term = async {
+            match term {
+                Some(mut t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = term => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down: finishing in-flight requests");
     }
-    tracing::info!("shutting down: finishing in-flight requests");
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -120,6 +129,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
             init_logging(config.log_format);
+            let stop = shutdown_signal();
             let server = dangjian::start(config).await?;
             if let Some(pw) = &server.generated_admin_password {
                 println!("首次启动：管理员账户 admin 的一次性密码是 {pw}（登录后须修改）");
@@ -128,7 +138,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             println!("listening on http://{}", server.addr);
-            server.run_until(shutdown_signal()).await?;
+            server.run_until(stop).await?;
             tracing::info!("stopped cleanly");
         }
         Command::Migrate => {

@@ -47,6 +47,8 @@ async fn openapi_documents_every_endpoint_that_exists(backend: Backend) {
         "/api/v1/me",
         "/api/v1/users",
         "/api/v1/rooms/{room}/tokens",
+        "/api/v1/rooms/{room}/recordings",
+        "/api/v1/recordings/{id}",
         "/readyz",
     ] {
         assert!(paths.contains_key(expected), "{expected} is documented");

@@ -487,3 +487,47 @@ async fn chat_reaches_the_others() {
     b.quiet_for(Duration::from_millis(300), &["chat"]).await;
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_hidden_participant_is_invisible_and_recording_is_announced() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let (mut alice, _) = Client::join(&app, "h", "alice", PARTICIPANT).await;
+    let (mut rec, joined) = Client::join(&app, "h", "recorder-x", "subscribe,hidden").await;
+    assert_eq!(
+        joined["participants"].as_array().unwrap().len(),
+        1,
+        "{joined}"
+    );
+    alice
+        .quiet_for(Duration::from_millis(300), &["participant_joined"])
+        .await;
+    let (mut bob, joined) = Client::join(&app, "h", "bob", PARTICIPANT).await;
+    let seen: Vec<&str> = joined["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["identity"].as_str())
+        .collect();
+    assert_eq!(seen, ["alice"], "the recorder is not listed: {joined}");
+    assert_eq!(joined["recording"], false);
+
+    // Asking to record needs the grant; the host with it is heard (the portal acts on it).
+    bob.send(json!({"type": "record", "start": true})).await;
+    bob.expect_error("not_allowed").await;
+
+    // Whoever starts a recording, everyone in the room is told, and so is every newcomer.
+    app.sign_in_admin().await;
+    let r = app.post_json("/api/v1/rooms/h/recordings", json!({})).await;
+    assert_eq!(r.status(), 201);
+    for c in [&mut alice, &mut bob] {
+        assert_eq!(c.expect("recording").await["active"], true);
+    }
+    let (_carol, joined) = Client::join(&app, "h", "carol", PARTICIPANT).await;
+    assert_eq!(joined["recording"], true);
+
+    rec.send(json!({"type": "leave"})).await;
+    alice
+        .quiet_for(Duration::from_millis(300), &["participant_left"])
+        .await;
+    app.stop().await;
+}

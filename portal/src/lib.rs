@@ -19,6 +19,7 @@ pub mod error;
 pub mod metrics;
 pub mod ops;
 pub mod pages;
+pub mod recordings;
 pub mod rooms;
 pub mod storage;
 
@@ -56,6 +57,8 @@ pub struct AppState {
     pub secure_cookies: bool,
     /// Live rooms (signaling and, through it, the media server).
     pub rooms: signaling::room::Rooms,
+    /// Captures rooms and composes replays; the catalogue is [`recordings`].
+    pub recorder: recorder::Recorder,
 }
 
 impl AppState {
@@ -65,6 +68,7 @@ impl AppState {
         tokens: TokenKey,
         secure_cookies: bool,
         rooms: signaling::room::Rooms,
+        recorder: recorder::Recorder,
     ) -> anyhow::Result<AppState> {
         Ok(AppState {
             db,
@@ -76,6 +80,7 @@ impl AppState {
             dummy_hash: auth::hash_password(auth::random_token()).await?,
             secure_cookies,
             rooms,
+            recorder,
         })
     }
 }
@@ -114,6 +119,7 @@ pub fn app(state: AppState) -> Router {
         .merge(ops::router())
         .merge(pages::router())
         .merge(rooms::router())
+        .merge(recordings::router())
         .merge(signaling::ws::router(state.rooms.clone()))
         .fallback(pages::not_found)
         .layer(middleware::from_fn_with_state(state.clone(), metrics::track))

@@ -183,5 +183,7 @@ async fn media_metrics(state: &AppState) -> String {
 /// This document.
 #[utoipa::path(get, path = "/api/v1/openapi.json", responses((status = 200, description = "OpenAPI 3 document")))]
 pub async fn openapi() -> Json<utoipa::openapi::OpenApi> {
-    Json(crate::api::ApiDoc::openapi())
+    let mut doc = crate::api::ApiDoc::openapi();
+    doc.merge(crate::recordings::RecordingsApi::openapi());
+    Json(doc)
 }

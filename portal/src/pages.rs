@@ -27,6 +27,14 @@ const TEMPLATES: &[(&str, &str)] = &[
     ),
     ("room.html", include_str!("../../web/templates/room.html")),
     ("rooms.html", include_str!("../../web/templates/rooms.html")),
+    (
+        "recordings.html",
+        include_str!("../../web/templates/recordings.html"),
+    ),
+    (
+        "recording.html",
+        include_str!("../../web/templates/recording.html"),
+    ),
 ];
 
 const APP_CSS: &str = include_str!("../../web/static/app.css");
@@ -142,7 +150,7 @@ fn nav_for(user: &User) -> Vec<NavItem> {
             title: "录像回放",
             desc: "党校课堂点播",
             href: "/recordings",
-            ready: false,
+            ready: true,
         },
         NavItem {
             title: "组织管理",

@@ -71,6 +71,9 @@ pub struct ParticipantInfo {
     pub tracks: Vec<TrackInfo>,
     pub can_publish: bool,
     pub is_admin: bool,
+    /// May start and stop recording the room.
+    #[serde(default)]
+    pub can_record: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,6 +146,10 @@ pub enum ClientMessage {
     RemoveParticipant {
         identity: String,
     },
+    /// Record grant: start or stop recording the room.
+    Record {
+        start: bool,
+    },
     Ping {
         #[serde(default)]
         id: u64,
@@ -163,6 +170,12 @@ pub enum ServerMessage {
         resumed: bool,
         /// The video codec to publish with: H.264 while everyone in the room can decode it.
         video_codec: VideoCodec,
+        /// The room is being recorded.
+        recording: bool,
+    },
+    /// Recording of the room started or stopped.
+    Recording {
+        active: bool,
     },
     /// The room's video codec changed (someone who cannot decode H.264 came, or left):
     /// publish video again with this one.

@@ -67,6 +67,7 @@ impl Participant {
             tracks: self.tracks.clone(),
             can_publish: self.claims.grants.publish,
             is_admin: self.claims.grants.admin,
+            can_record: self.claims.grants.record,
         }
     }
 
@@ -80,9 +81,23 @@ struct Room {
     participants: BTreeMap<String, Participant>,
     empty_since: Option<Instant>,
     video_codec: VideoCodec,
+    /// The recording in progress, if any.
+    recording: Option<String>,
 }
 
 impl Room {
+    /// Nobody counts as present but hidden participants (the recorder).
+    fn deserted(&self) -> bool {
+        self.participants.values().all(|p| p.claims.grants.hidden)
+    }
+
+    fn visible(&self) -> impl Iterator<Item = ParticipantInfo> + '_ {
+        self.participants
+            .iter()
+            .filter(|(_, p)| !p.claims.grants.hidden)
+            .map(|(id, p)| p.info(id))
+    }
+
     /// H.264 when everyone can decode it; tells everyone when that changes.
     /// H.264 when everyone, including a `newcomer` about to enter, can decode it; tells the
     /// people already in the room when that changes.
@@ -119,6 +134,15 @@ struct State {
     early_offers: HashMap<PeerId, ServerMessage>,
 }
 
+/// A participant asked to start or stop recording its room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordRequest {
+    pub room: String,
+    /// The asking participant's identity (a user id for tokens the portal issued).
+    pub identity: String,
+    pub start: bool,
+}
+
 /// A summary for the room service API and metrics.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RoomSummary {
@@ -144,6 +168,10 @@ struct Inner {
     sfu: SfuHandle,
     state: Mutex<State>,
     next_conn: std::sync::atomic::AtomicU64,
+    record_requests: (
+        mpsc::UnboundedSender<RecordRequest>,
+        Mutex<Option<mpsc::UnboundedReceiver<RecordRequest>>>,
+    ),
 }
 
 /// The room service: cheap to clone, shared by every connection and the REST API.
@@ -166,12 +194,65 @@ impl Rooms {
                 sfu,
                 state: Mutex::new(State::default()),
                 next_conn: std::sync::atomic::AtomicU64::new(1),
+                record_requests: {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    (tx, Mutex::new(Some(rx)))
+                },
             }),
         }
     }
 
     pub fn tokens(&self) -> &TokenKey {
         &self.inner.tokens
+    }
+
+    /// Marks `room` as being recorded (`Some(recording id)`) or no longer, and tells everyone in
+    /// it, and everyone who joins later, so that no one is recorded unawares.
+    pub fn set_recording(&self, room: &str, recording: Option<&str>) {
+        let mut st = self.state();
+        let fresh = !st.rooms.contains_key(room);
+        let r = st.rooms.entry(room.to_string()).or_default();
+        let was = r.recording.is_some();
+        r.recording = recording.map(str::to_string);
+        if was != recording.is_some() {
+            r.broadcast(
+                None,
+                &ServerMessage::Recording {
+                    active: recording.is_some(),
+                },
+            );
+        }
+        if fresh {
+            // Nobody is here yet: the room closes as any empty room does unless someone comes.
+            r.empty_since = Some(Instant::now());
+            drop(st);
+            self.expire_later(room.to_string());
+        }
+    }
+
+    /// The recording in progress in `room`.
+    pub fn recording(&self, room: &str) -> Option<String> {
+        self.state().rooms.get(room)?.recording.clone()
+    }
+
+    /// A participant with the `record` grant asks to start or stop recording.
+    pub fn request_recording(&self, room: &str, identity: &str, start: bool) {
+        let _ = self.inner.record_requests.0.send(RecordRequest {
+            room: room.into(),
+            identity: identity.into(),
+            start,
+        });
+    }
+
+    /// The start and stop requests of participants with the `record` grant, for whoever keeps
+    /// the recordings catalogue. Only the first call gets the receiver.
+    pub fn record_requests(&self) -> Option<mpsc::UnboundedReceiver<RecordRequest>> {
+        self.inner
+            .record_requests
+            .1
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     pub fn sfu(&self) -> &SfuHandle {
@@ -231,8 +312,11 @@ impl Rooms {
         for p in publisher.iter().chain(subscriber.iter()) {
             st.peers.insert(*p, (room_name.clone(), identity.clone()));
         }
+        let hidden = claims.grants.hidden;
         let room = st.rooms.entry(room_name.clone()).or_default();
-        room.empty_since = None;
+        if !hidden {
+            room.empty_since = None;
+        }
         let previous = room.participants.remove(&identity);
         let resumed = previous.is_some();
         let mut old_peers = Vec::new();
@@ -266,8 +350,7 @@ impl Rooms {
         // The newcomer counts: if it cannot decode H.264, the others switch before it arrives.
         room.update_codec(Some(h264));
         let you = participant.info(&identity);
-        let others: Vec<ParticipantInfo> =
-            room.participants.iter().map(|(id, p)| p.info(id)).collect();
+        let others: Vec<ParticipantInfo> = room.visible().collect();
         participant.send(ServerMessage::Joined {
             room: room_name.clone(),
             you: you.clone(),
@@ -275,8 +358,9 @@ impl Rooms {
             ice_servers: self.inner.config.ice_servers.clone(),
             resumed,
             video_codec: room.video_codec,
+            recording: room.recording.is_some(),
         });
-        if !resumed {
+        if !resumed && !hidden {
             room.broadcast(None, &ServerMessage::ParticipantJoined { participant: you });
         }
         let early = subscriber.and_then(|s| st.early_offers.remove(&s));
@@ -361,14 +445,16 @@ impl Rooms {
                 });
                 let _ = p.outbox.send(Outgoing::Close(code, reason.into()));
             }
-            room.broadcast(
-                None,
-                &ServerMessage::ParticipantLeft {
-                    identity: identity.into(),
-                },
-            );
+            if !p.claims.grants.hidden {
+                room.broadcast(
+                    None,
+                    &ServerMessage::ParticipantLeft {
+                        identity: identity.into(),
+                    },
+                );
+            }
             room.update_codec(None);
-            let empty = room.participants.is_empty();
+            let empty = room.deserted() && room.empty_since.is_none();
             if empty {
                 room.empty_since = Some(Instant::now());
             }
@@ -395,13 +481,14 @@ impl Rooms {
         let this = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(this.inner.config.empty_timeout).await;
-            let mut st = this.state();
-            if st
-                .rooms
-                .get(&room)
-                .is_some_and(|r| r.participants.is_empty() && r.empty_since.is_some())
-            {
-                st.rooms.remove(&room);
+            let deserted = {
+                let st = this.state();
+                st.rooms
+                    .get(&room)
+                    .is_some_and(|r| r.deserted() && r.empty_since.is_some())
+            };
+            // Hidden participants (the recorder) are shown out as the room closes.
+            if deserted && this.close_room(&room).is_ok() {
                 tracing::info!(room, "room closed after being empty");
             }
         });
@@ -569,7 +656,7 @@ impl Rooms {
             .iter()
             .map(|(name, r)| RoomSummary {
                 name: name.clone(),
-                participants: r.participants.iter().map(|(id, p)| p.info(id)).collect(),
+                participants: r.visible().collect(),
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));

@@ -18,6 +18,8 @@ pub struct Grants {
     pub data: bool,
     pub admin: bool,
     pub record: bool,
+    /// Not shown to the others and not counted as present (the recorder).
+    pub hidden: bool,
 }
 
 impl Grants {
@@ -28,6 +30,7 @@ impl Grants {
         data: true,
         admin: false,
         record: false,
+        hidden: false,
     };
 }
 
@@ -44,9 +47,10 @@ impl FromStr for Grants {
                 "data" => g.data = true,
                 "admin" => g.admin = true,
                 "record" => g.record = true,
+                "hidden" => g.hidden = true,
                 other => {
                     return Err(format!(
-                        "unknown grant `{other}` (expected publish, subscribe, data, admin, record)"
+                        "unknown grant `{other}` (expected publish, subscribe, data, admin, record, hidden)"
                     ));
                 }
             }

@@ -273,6 +273,15 @@ impl Session {
                     self.room_error(e);
                 }
             }
+            ClientMessage::Record { start } => {
+                if !g.record {
+                    return self.error(
+                        ErrorCode::NotAllowed,
+                        "your token does not allow recording".into(),
+                    );
+                }
+                self.rooms.request_recording(room, me, start);
+            }
             ClientMessage::Ping { id } => self.send(ServerMessage::Pong { id }),
             ClientMessage::Leave => {}
         }

@@ -2,6 +2,7 @@
 //! directory, or a PostgreSQL database created for it and dropped afterwards).
 #![allow(dead_code)]
 
+pub mod publisher;
 pub mod rtc;
 
 use std::net::SocketAddr;

@@ -15,6 +15,8 @@ const SIMULCAST = [
 ];
 /** The room's video codec, from the server: H.264 while everyone can decode it. */
 let videoCodec = 'vp8';
+/** The room is being recorded. */
+let recording = false;
 /** track id → the quality last asked of the server */
 const asked = new Map();
 
@@ -252,6 +254,8 @@ async function handle(/** @type {any} */ msg) {
       me = msg.you.identity;
       iceServers = msg.ice_servers;
       videoCodec = msg.video_codec;
+      setRecording(msg.recording);
+      $('record-button').hidden = !msg.you.can_record;
       participants.clear();
       for (const p of msg.participants) participants.set(p.identity, p);
       participants.set(me, msg.you);
@@ -310,6 +314,10 @@ async function handle(/** @type {any} */ msg) {
         republishVideo();
       }
       break;
+    case 'recording':
+      setRecording(msg.active);
+      banner(msg.active ? '会议开始录制' : '录制已停止');
+      break;
     case 'publisher_layers':
       await setLayers(msg.track, msg.active);
       break;
@@ -324,6 +332,14 @@ async function handle(/** @type {any} */ msg) {
       console.warn('server:', msg.code, msg.message);
       break;
   }
+}
+
+/** Everyone sees when the room is recorded; whoever may record gets the button. */
+function setRecording(/** @type {boolean} */ active) {
+  recording = active;
+  $('recording').hidden = !active;
+  $('record-button').textContent = active ? '停止录制' : '开始录制';
+  $('record-button').setAttribute('aria-pressed', String(active));
 }
 
 /** Encode only the simulcast layers someone watches (the server says which). */
@@ -488,6 +504,7 @@ $('mic-button').addEventListener('click', () => setMic($('mic-button').getAttrib
 $('cam-button').addEventListener('click', () => setCam($('cam-button').getAttribute('aria-pressed') === 'true'));
 $('screen-button').addEventListener('click', () => toggleScreen());
 $('people-button').addEventListener('click', () => { $('people').hidden = !$('people').hidden; });
+$('record-button').addEventListener('click', () => send({ type: 'record', start: !recording }));
 $('leave-button').addEventListener('click', () => { send({ type: 'leave' }); left('您已离开会议'); });
 
 // Connection quality from what the browser measures: round-trip time and loss.
