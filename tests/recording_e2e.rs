@@ -243,3 +243,26 @@ async fn a_killed_server_finishes_the_recording_after_restart_losing_at_most_ten
     p.child.kill().unwrap();
     p.child.wait().unwrap();
 }
+
+/// An H.264 room: the recorder depacketises H.264 (FU-A, STAP-A) back into access units and the
+/// replay is remuxed, still in sync.
+#[tokio::test]
+async fn an_h264_publisher_is_recorded_in_sync() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    app.sign_in_admin().await;
+    let base = app.url("");
+    let id = start_recording(&app.client, &base, "rec-h264").await;
+    let ws = join_at(app.addr, &app.data_dir(), "rec-h264", "dave").await;
+    let marks = [3_000, 9_000];
+    let video = testmedia::h264_clip(12.0, 30, 640, 360, &marks);
+    let audio = testmedia::opus_clip(12.0, &marks);
+    publish(ws, true, video, audio).await.finish().await;
+    stop_recording(&app.client, &base, &id).await;
+    let rec = wait_ready(&app.client, &base, &id, Duration::from_secs(60)).await;
+    let a = fetch_and_analyse(&app.client, &base, &rec).await;
+    assert_eq!((a.video_streams, a.audio_streams), (1, 1), "{a:?}");
+    assert_eq!(a.video_codec, "h264");
+    assert!((a.duration_ms - 12_000).abs() <= 1_000, "{a:?}");
+    assert_in_sync(&a, marks.len());
+    app.stop().await;
+}

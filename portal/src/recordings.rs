@@ -595,6 +595,20 @@ async fn mark_ready(db: &Db, id: &str, replay: &recorder::Replay) -> Result<(), 
     Ok(())
 }
 
+/// A chapter mark wherever the replay turns to a screen share. A recording finalised twice
+/// (a restart during processing) gets them once.
+async fn add_screen_marks(db: &Db, id: &str, replay: &recorder::Replay) -> Result<(), AppError> {
+    sqlx::query("DELETE FROM recording_marks WHERE recording_id = $1 AND kind = 'screen'")
+        .bind(id)
+        .execute(&db.pool)
+        .await?;
+    for (at, who) in &replay.screen_shares {
+        let label = format!("{who} 共享屏幕");
+        add_mark(db, id, *at, MarkKind::Screen, &label).await?;
+    }
+    Ok(())
+}
+
 /// Moves a capturing recording to `processing`. False when someone else already did (a stop
 /// racing the capture's own end): only the winner finalises.
 async fn claim_for_processing(db: &Db, id: &str) -> Result<bool, AppError> {
@@ -710,7 +724,10 @@ fn spawn_finalize(state: AppState, id: String, cause: Option<String>) {
 /// Composes the replay from what was uploaded and records the outcome.
 async fn finalize(state: &AppState, id: &str, cause: Option<String>) {
     let outcome = match state.recorder.finalize(id).await {
-        Ok(replay) => mark_ready(&state.db, id, &replay).await,
+        Ok(replay) => match mark_ready(&state.db, id, &replay).await {
+            Ok(()) => add_screen_marks(&state.db, id, &replay).await,
+            Err(e) => Err(e),
+        },
         Err(e) => {
             let reason = match &cause {
                 Some(c) => format!("{c}; {e}"),

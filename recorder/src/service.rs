@@ -48,6 +48,8 @@ pub struct Replay {
     pub size: u64,
     pub duration_ms: i64,
     pub tracks: Vec<TrackMeta>,
+    /// When the replay starts showing a screen share (ms), and whose: chapter marks.
+    pub screen_shares: Vec<(i64, String)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +79,17 @@ struct Inner {
     running: Mutex<HashMap<String, Running>>,
     events: mpsc::UnboundedSender<RecorderEvent>,
     segment: Duration,
+}
+
+/// The switches of the shown video to a screen share, with the sharer.
+fn screen_shares(switches: &[(i64, String)], tracks: &[TrackMeta]) -> Vec<(i64, String)> {
+    switches
+        .iter()
+        .filter_map(|(at, track)| {
+            let t = tracks.iter().find(|t| &t.track == track)?;
+            (t.source == "screen").then(|| (*at, t.participant.clone()))
+        })
+        .collect()
 }
 
 /// Cheap to clone; all clones drive the same captures.
@@ -208,11 +221,13 @@ impl Recorder {
             .map_err(|e| RecorderError::Other(format!("compose task failed: {e}")))??;
         let key = crate::replay_key(id);
         let size = self.upload_file(&out, &key).await?;
+        let metas: Vec<TrackMeta> = tracks.into_iter().map(|t| t.meta).collect();
         Ok(Replay {
             key,
             size,
             duration_ms: report.duration_ms,
-            tracks: tracks.into_iter().map(|t| t.meta).collect(),
+            screen_shares: screen_shares(&report.switches, &metas),
+            tracks: metas,
         })
     }
 
