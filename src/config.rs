@@ -49,6 +49,8 @@ pub struct Layer {
     pub rtc_tcp: Option<String>,
     /// STUN/TURN servers handed to browsers (TOML array of tables; JSON in the environment).
     pub ice_servers: Option<Vec<IceServerConfig>>,
+    /// How long new recordings are kept, e.g. `365d` (default: `forever`).
+    pub recording_retention: Option<String>,
 }
 
 /// One STUN or TURN server for clients, e.g. `{ urls = ["turn:turn.example:3478"], username = "u", credential = "p" }`.
@@ -75,6 +77,7 @@ const ENV_KEYS: &[&str] = &[
     "rtc_public_ip",
     "rtc_tcp",
     "ice_servers",
+    "recording_retention",
 ];
 
 /// Environment variables with our prefix that are not configuration keys.
@@ -107,6 +110,8 @@ pub struct Config {
     /// The ICE-TCP fallback listener, if any.
     pub rtc_tcp: Option<SocketAddr>,
     pub ice_servers: Vec<IceServerConfig>,
+    /// New recordings expire this long after they start (`None`: kept until deleted).
+    pub recording_retention: Option<std::time::Duration>,
 }
 
 impl Layer {
@@ -188,6 +193,7 @@ impl Layer {
             rtc_public_ip: over.rtc_public_ip.or(self.rtc_public_ip),
             ice_servers: over.ice_servers.or(self.ice_servers),
             rtc_tcp: over.rtc_tcp.or(self.rtc_tcp),
+            recording_retention: over.recording_retention.or(self.recording_retention),
         }
     }
 
@@ -266,6 +272,14 @@ impl Layer {
                 );
             }
         }
+        let recording_retention = match self.recording_retention.as_deref() {
+            None | Some("forever") => None,
+            Some(s) => Some(humantime::parse_duration(s).map_err(|_| {
+                anyhow::anyhow!(
+                    "configuration key `recording_retention`: `{s}` is not a duration like 365d (or \"forever\")"
+                )
+            })?),
+        };
         let rtc_public_ip = match self.rtc_public_ip.as_deref() {
             None => None,
             Some(s) => Some(s.parse::<IpAddr>().map_err(|_| {
@@ -287,6 +301,7 @@ impl Layer {
             rtc_public_ip,
             rtc_tcp,
             ice_servers,
+            recording_retention,
         })
     }
 }
@@ -368,6 +383,31 @@ mod tests {
             .contains("database_url")
         );
         assert!(env(&[("DANGJIAN_SECURE_COOKIES", "maybe")]).is_err());
+        assert!(
+            bad(Layer {
+                recording_retention: Some("a year".into()),
+                ..Default::default()
+            })
+            .contains("recording_retention")
+        );
+    }
+
+    #[test]
+    fn recording_retention_is_a_duration_or_forever() {
+        let with = |s: &str| {
+            Layer {
+                recording_retention: Some(s.into()),
+                ..Default::default()
+            }
+            .resolve()
+            .unwrap()
+            .recording_retention
+        };
+        assert_eq!(with("forever"), None);
+        assert_eq!(
+            with("30d"),
+            Some(std::time::Duration::from_secs(30 * 86400))
+        );
     }
 
     #[test]

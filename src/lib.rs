@@ -164,7 +164,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         store: storage.store.clone(),
         spool_dir,
     });
-    let state = AppState::new(
+    let mut state = AppState::new(
         db.clone(),
         storage.clone(),
         tokens,
@@ -173,6 +173,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         recorder,
     )
     .await?;
+    state.recording_retention = config.recording_retention;
     // Recordings a previous process left unfinished, then the catalogue's long-running tasks.
     let mut background = vec![tokio::spawn(portal::recordings::resume_unfinished(
         state.clone(),

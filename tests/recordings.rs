@@ -817,7 +817,38 @@ async fn recordings_left_unfinished_by_a_restart_are_finished(backend: Backend) 
     app.stop().await;
 }
 
+/// With `recording_retention` configured, a new recording says when it will be deleted.
+async fn configured_retention_sets_the_expiry_of_new_recordings(backend: Backend) {
+    let app = TestApp::spawn_with(
+        backend,
+        Layer {
+            recording_retention: Some("30d".into()),
+            ..Layer::default()
+        },
+    )
+    .await;
+    app.sign_in_admin().await;
+    let (status, created) = call(
+        &app.client,
+        &app,
+        Method::POST,
+        "/api/v1/rooms/kept/recordings",
+        None,
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().unwrap();
+    let (_, rec) = get(&app.client, &app, &format!("/api/v1/recordings/{id}")).await;
+    let (started, expires) = (
+        rec["started_at"].as_i64().unwrap(),
+        rec["expires_at"].as_i64().expect("an expiry"),
+    );
+    assert_eq!(expires - started, 30 * 86_400_000, "{rec}");
+    app.stop().await;
+}
+
 on_both_databases!(
+    configured_retention_sets_the_expiry_of_new_recordings,
     starting_and_stopping_a_recording,
     only_the_creator_admins_and_everyone_once_published_may_watch,
     comments_are_checked_and_shown,

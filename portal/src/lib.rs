@@ -55,6 +55,8 @@ pub struct AppState {
     pub dummy_hash: String,
     /// Mark cookies `Secure` (when served behind HTTPS).
     pub secure_cookies: bool,
+    /// New recordings expire this long after they start (`None`: kept until deleted).
+    pub recording_retention: Option<Duration>,
     /// Live rooms (signaling and, through it, the media server).
     pub rooms: signaling::room::Rooms,
     /// Captures rooms and composes replays; the catalogue is [`recordings`].
@@ -81,6 +83,7 @@ impl AppState {
             secure_cookies,
             rooms,
             recorder,
+            recording_retention: None,
         })
     }
 }

@@ -33,8 +33,8 @@ use crate::error::{ApiJson, AppError, ErrorBody};
 pub const MAX_COMMENT_CHARS: usize = 2000;
 /// Longest title or mark label, in characters.
 pub const MAX_TITLE_CHARS: usize = 200;
-/// How often expired recordings are looked for. Recordings are kept forever unless their
-/// `expires_at` is set (through `PATCH`); there is no configuration for it.
+/// How often expired recordings are looked for. A recording expires `recording_retention` after
+/// it starts (configuration; default never), or when its `expires_at` is set through `PATCH`.
 pub const RETENTION_SWEEP: Duration = Duration::from_secs(3600);
 /// Page size of the library page.
 const PAGE_SIZE: usize = 20;
@@ -657,14 +657,19 @@ pub async fn start_recording(
     let id = new_id();
     let now = now_ms();
     let inserted = sqlx::query(
-        "INSERT INTO recordings (id, room, title, org_id, created_by, status, started_at) \
-         VALUES ($1, $2, $3, NULL, $4, 'recording', $5)",
+        "INSERT INTO recordings (id, room, title, org_id, created_by, status, started_at, expires_at) \
+         VALUES ($1, $2, $3, NULL, $4, 'recording', $5, $6)",
     )
     .bind(&id)
     .bind(room)
     .bind(title.unwrap_or_else(|| default_title(room, now)))
     .bind(user_id)
     .bind(now)
+    .bind(
+        state
+            .recording_retention
+            .map(|d| now.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))),
+    )
     .execute(&state.db.pool)
     .await;
     match inserted {
