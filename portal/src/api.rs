@@ -201,6 +201,10 @@ pub struct NewUser {
     /// Initial password; the user must change it at first sign-in.
     pub password: String,
     pub role: Role,
+    /// The org whose subtree the user keeps (org admins, secretaries) or belongs to; it must be
+    /// within the creating admin's own subtree.
+    #[serde(default)]
+    pub org_id: Option<String>,
 }
 
 /// Create a user (system admins only).
@@ -219,7 +223,11 @@ async fn create_user(
     } else {
         req.display_name.clone()
     };
-    let created = auth::create_user(
+    let scope = crate::orgs::Scope::of(&state.db, admin).await?;
+    if let Some(org) = &req.org_id {
+        scope.org(&state.db, org).await?;
+    }
+    let mut created = auth::create_user(
         &state.db,
         &req.username,
         &display,
@@ -228,6 +236,10 @@ async fn create_user(
         true,
     )
     .await?;
+    if let Some(org) = req.org_id {
+        crate::orgs::assign_user(&state.db, &created.id, &org).await?;
+        created.org_id = Some(org);
+    }
     auth::audit(
         &state.db,
         Some(&admin.id),

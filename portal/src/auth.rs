@@ -154,6 +154,8 @@ pub struct User {
     pub display_name: String,
     pub role: Role,
     pub must_change_password: bool,
+    /// The org whose subtree the user keeps (admins, secretaries) or belongs to.
+    pub org_id: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -165,10 +167,11 @@ pub(crate) struct UserRow {
     pub must_change_password: i64,
     pub password_hash: String,
     pub disabled: i64,
+    pub org_id: Option<String>,
 }
 
 pub(crate) const USER_COLUMNS: &str =
-    "id, username, display_name, role, must_change_password, password_hash, disabled";
+    "id, username, display_name, role, must_change_password, password_hash, disabled, org_id";
 
 impl UserRow {
     pub fn into_user(self) -> Result<User, AppError> {
@@ -180,6 +183,7 @@ impl UserRow {
             display_name: self.display_name,
             role,
             must_change_password: self.must_change_password != 0,
+            org_id: self.org_id,
         })
     }
 }
@@ -231,6 +235,7 @@ pub async fn create_user(
         display_name: display_name.into(),
         role,
         must_change_password,
+        org_id: None,
     })
 }
 

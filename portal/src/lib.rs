@@ -18,6 +18,7 @@ pub mod db;
 pub mod error;
 pub mod metrics;
 pub mod ops;
+pub mod orgs;
 pub mod pages;
 pub mod recordings;
 pub mod rooms;
@@ -122,6 +123,7 @@ pub fn app(state: AppState) -> Router {
         .merge(ops::router())
         .merge(pages::router())
         .merge(rooms::router())
+        .merge(orgs::router())
         .merge(recordings::router())
         .merge(signaling::ws::router(state.rooms.clone()))
         .fallback(pages::not_found)

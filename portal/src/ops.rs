@@ -185,5 +185,6 @@ async fn media_metrics(state: &AppState) -> String {
 pub async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     let mut doc = crate::api::ApiDoc::openapi();
     doc.merge(crate::recordings::RecordingsApi::openapi());
+    doc.merge(crate::orgs::OrgsApi::openapi());
     Json(doc)
 }

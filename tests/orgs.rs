@@ -1,0 +1,305 @@
+//! The org tree through the API, on both databases: building it, renaming, moving a subtree,
+//! dissolving only when empty, and above all scoping — an org admin sees and changes only their
+//! own subtree, and a guessed id from elsewhere is simply not there (404).
+
+mod common;
+
+use common::{Backend, TestApp};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+async fn call(
+    c: &reqwest::Client,
+    app: &TestApp,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut req = c.request(method, app.url(path));
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+async fn new_org(
+    c: &reqwest::Client,
+    app: &TestApp,
+    parent: Option<&str>,
+    name: &str,
+    kind: &str,
+) -> String {
+    let (status, v) = call(
+        c,
+        app,
+        Method::POST,
+        "/api/v1/orgs",
+        Some(json!({"parent_id": parent, "name": name, "kind": kind})),
+    )
+    .await;
+    assert_eq!(status, 201, "create {name}: {v}");
+    v["id"].as_str().unwrap().to_string()
+}
+
+/// An admin client for a new user of `role` keeping `org`.
+async fn keeper(app: &TestApp, username: &str, role: &str, org: &str) -> reqwest::Client {
+    let (status, v) = call(
+        &app.client,
+        app,
+        Method::POST,
+        "/api/v1/users",
+        Some(json!({"username": username, "display_name": username, "password": "initial-pass-1", "role": role, "org_id": org})),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["org_id"], org);
+    let c = common::client();
+    let r = c
+        .post(app.url("/api/v1/session"))
+        .json(&json!({"username": username, "password": "initial-pass-1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    c
+}
+
+fn names(list: &Value) -> Vec<String> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+async fn an_org_admin_keeps_only_their_subtree(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.sign_in_admin().await;
+    let county = new_org(&app.client, &app, None, "县委", "committee").await;
+    let east = new_org(
+        &app.client,
+        &app,
+        Some(&county),
+        "东街道党工委",
+        "committee",
+    )
+    .await;
+    let west = new_org(
+        &app.client,
+        &app,
+        Some(&county),
+        "西街道党工委",
+        "committee",
+    )
+    .await;
+    let east_b1 = new_org(&app.client, &app, Some(&east), "东一支部", "branch").await;
+    let west_b1 = new_org(&app.client, &app, Some(&west), "西一支部", "branch").await;
+
+    let (_, all) = call(&app.client, &app, Method::GET, "/api/v1/orgs", None).await;
+    assert_eq!(
+        names(&all),
+        [
+            "县委",
+            "东街道党工委",
+            "东一支部",
+            "西街道党工委",
+            "西一支部"
+        ],
+        "tree order, children under parents"
+    );
+
+    let east_admin = keeper(&app, "east", "org_admin", &east).await;
+    let (_, mine) = call(&east_admin, &app, Method::GET, "/api/v1/orgs", None).await;
+    assert_eq!(names(&mine), ["东街道党工委", "东一支部"]);
+
+    // Another subtree's ids are not there, for reading or changing.
+    for (method, path, body) in [
+        (Method::GET, format!("/api/v1/orgs/{west_b1}"), None),
+        (
+            Method::PATCH,
+            format!("/api/v1/orgs/{west_b1}"),
+            Some(json!({"name": "改名"})),
+        ),
+        (Method::DELETE, format!("/api/v1/orgs/{west_b1}"), None),
+        (
+            Method::POST,
+            format!("/api/v1/orgs/{west_b1}/move"),
+            Some(json!({"parent_id": east})),
+        ),
+        (
+            Method::POST,
+            format!("/api/v1/orgs/{east_b1}/move"),
+            Some(json!({"parent_id": west})),
+        ),
+        (Method::GET, format!("/api/v1/orgs/{county}"), None),
+    ] {
+        let (status, v) = call(&east_admin, &app, method.clone(), &path, body).await;
+        assert_eq!(status, 404, "{method} {path}: {v}");
+    }
+    let (status, _) = call(
+        &east_admin,
+        &app,
+        Method::POST,
+        "/api/v1/orgs",
+        Some(json!({"parent_id": west, "name": "偷建", "kind": "branch"})),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, _) = call(
+        &east_admin,
+        &app,
+        Method::POST,
+        "/api/v1/orgs",
+        Some(json!({"name": "新顶级", "kind": "committee"})),
+    )
+    .await;
+    assert_eq!(status, 403, "only system admins make roots");
+    // Nor may they give a new user an org outside their subtree.
+    let (status, _) = call(
+        &east_admin,
+        &app,
+        Method::POST,
+        "/api/v1/users",
+        Some(json!({"username": "x", "display_name": "x", "password": "initial-pass-1", "role": "member", "org_id": west})),
+    )
+    .await;
+    assert!(status == 403 || status == 404, "{status}");
+
+    // Within their subtree they build and rename.
+    let east_b2 = new_org(&east_admin, &app, Some(&east), "东二支部", "branch").await;
+    let (status, v) = call(
+        &east_admin,
+        &app,
+        Method::PATCH,
+        &format!("/api/v1/orgs/{east_b2}"),
+        Some(json!({"name": "  东二支部（社区） "})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(v["name"], "东二支部（社区）");
+    let (status, _) = call(
+        &east_admin,
+        &app,
+        Method::POST,
+        &format!("/api/v1/orgs/{east}/move"),
+        Some(json!({"parent_id": east_b1})),
+    )
+    .await;
+    assert_eq!(status, 403, "the root of one's own subtree stays put");
+    let (status, _) = call(
+        &east_admin,
+        &app,
+        Method::PATCH,
+        &format!("/api/v1/orgs/{east_b2}"),
+        Some(json!({"name": "   "})),
+    )
+    .await;
+    assert_eq!(status, 422);
+
+    // A secretary without the org permission reads their branch but cannot restructure.
+    let secretary = keeper(&app, "sec", "secretary", &east_b1).await;
+    let (_, seen) = call(&secretary, &app, Method::GET, "/api/v1/orgs", None).await;
+    assert_eq!(names(&seen), ["东一支部"]);
+    let (status, _) = call(
+        &secretary,
+        &app,
+        Method::POST,
+        "/api/v1/orgs",
+        Some(json!({"parent_id": east_b1, "name": "小组", "kind": "group"})),
+    )
+    .await;
+    assert_eq!(status, 403);
+    app.stop().await;
+}
+
+async fn moving_a_subtree_carries_its_descendants(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.sign_in_admin().await;
+    let root = new_org(&app.client, &app, None, "市委", "committee").await;
+    let a = new_org(&app.client, &app, Some(&root), "甲党委", "committee").await;
+    let b = new_org(&app.client, &app, Some(&root), "乙党委", "committee").await;
+    let branch = new_org(&app.client, &app, Some(&a), "甲一支部", "branch").await;
+    let group = new_org(&app.client, &app, Some(&branch), "第一党小组", "group").await;
+
+    let (status, moved) = call(
+        &app.client,
+        &app,
+        Method::POST,
+        &format!("/api/v1/orgs/{branch}/move"),
+        Some(json!({"parent_id": b})),
+    )
+    .await;
+    assert_eq!(status, 200, "{moved}");
+    assert_eq!(moved["parent_id"], b.as_str());
+    // b's keeper now sees the branch and its group; a's keeper no longer does.
+    let b_admin = keeper(&app, "badmin", "org_admin", &b).await;
+    let (_, seen) = call(&b_admin, &app, Method::GET, "/api/v1/orgs", None).await;
+    assert_eq!(names(&seen), ["乙党委", "甲一支部", "第一党小组"]);
+    let (status, g) = call(
+        &b_admin,
+        &app,
+        Method::GET,
+        &format!("/api/v1/orgs/{group}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(g["depth"], 3);
+    let a_admin = keeper(&app, "aadmin", "org_admin", &a).await;
+    let (status, _) = call(
+        &a_admin,
+        &app,
+        Method::GET,
+        &format!("/api/v1/orgs/{group}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+
+    // Not under itself; dissolving waits until it is empty.
+    let (status, _) = call(
+        &app.client,
+        &app,
+        Method::POST,
+        &format!("/api/v1/orgs/{branch}/move"),
+        Some(json!({"parent_id": group})),
+    )
+    .await;
+    assert_eq!(status, 422);
+    let (status, v) = call(
+        &app.client,
+        &app,
+        Method::DELETE,
+        &format!("/api/v1/orgs/{branch}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 409, "{v}");
+    let (status, _) = call(
+        &app.client,
+        &app,
+        Method::DELETE,
+        &format!("/api/v1/orgs/{group}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    let (status, _) = call(
+        &app.client,
+        &app,
+        Method::DELETE,
+        &format!("/api/v1/orgs/{branch}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    app.stop().await;
+}
+
+on_both_databases!(
+    an_org_admin_keeps_only_their_subtree,
+    moving_a_subtree_carries_its_descendants,
+);
