@@ -342,7 +342,7 @@ struct Partial {
 
 /// Puts RTP packets back into frames (reordering, waiting for retransmissions a while) and
 /// stamps them on the recording's timeline.
-struct Assembler {
+pub struct Assembler {
     codec: Codec,
     clock_rate: f64,
     started: Instant,
@@ -374,7 +374,8 @@ fn extend(last: &mut Option<i64>, value: i64, modulus: i64) -> i64 {
 }
 
 impl Assembler {
-    fn new(codec: Codec, started: Instant) -> Assembler {
+    /// An assembler for one track of `codec`; `started` is time zero of the recording.
+    pub fn new(codec: Codec, started: Instant) -> Assembler {
         Assembler {
             codec,
             clock_rate: if codec == Codec::Opus {
@@ -391,7 +392,8 @@ impl Assembler {
         }
     }
 
-    fn push(&mut self, pkt: rtp::Packet, now: Instant, out: &mut Vec<Frame>) {
+    /// Takes one packet that arrived at `now`; frames it completes are appended to `out`.
+    pub fn push(&mut self, pkt: rtp::Packet, now: Instant, out: &mut Vec<Frame>) {
         let seq = extend(
             &mut self.last_seq,
             i64::from(pkt.header.sequence_number),
@@ -412,7 +414,8 @@ impl Assembler {
         self.emit(now, out);
     }
 
-    fn finish(&mut self, out: &mut Vec<Frame>) {
+    /// The track ended: appends every complete frame still held to `out`.
+    pub fn finish(&mut self, out: &mut Vec<Frame>) {
         let far = self.started + Duration::from_secs(1 << 30);
         self.emit(far, out);
     }
