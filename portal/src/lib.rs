@@ -15,14 +15,22 @@
 pub mod api;
 pub mod auth;
 pub mod db;
+pub mod dues;
 pub mod error;
+pub mod guidance;
+pub mod idcard;
+pub mod members;
 pub mod metrics;
 pub mod ops;
+pub mod orglife;
 pub mod orgs;
 pub mod pages;
 pub mod recordings;
 pub mod rooms;
+pub mod stats;
 pub mod storage;
+pub mod transfers;
+pub mod xlsx;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -124,6 +132,13 @@ pub fn app(state: AppState) -> Router {
         .merge(pages::router())
         .merge(rooms::router())
         .merge(orgs::router())
+        .merge(members::router())
+        .merge(transfers::router())
+        .merge(dues::router())
+        .merge(orglife::router())
+        .merge(guidance::router())
+        .merge(stats::router())
+        .merge(xlsx::router())
         .merge(recordings::router())
         .merge(signaling::ws::router(state.rooms.clone()))
         .fallback(pages::not_found)

@@ -186,5 +186,12 @@ pub async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     let mut doc = crate::api::ApiDoc::openapi();
     doc.merge(crate::recordings::RecordingsApi::openapi());
     doc.merge(crate::orgs::OrgsApi::openapi());
+    doc.merge(crate::members::MembersApi::openapi());
+    doc.merge(crate::transfers::TransfersApi::openapi());
+    doc.merge(crate::dues::DuesApi::openapi());
+    doc.merge(crate::orglife::OrglifeApi::openapi());
+    doc.merge(crate::guidance::GuidanceApi::openapi());
+    doc.merge(crate::stats::StatsApi::openapi());
+    doc.merge(crate::xlsx::XlsxApi::openapi());
     Json(doc)
 }
