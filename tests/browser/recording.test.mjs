@@ -1,4 +1,4 @@
-// A meeting recorded from two browsers is replayed, seeked and commented on a phone-sized browser.
+// A meeting recorded from two browsers is replayed from S3, seeked and commented on a phone-sized browser.
 //
 // Two signed-in users (the admin, who may record, and a plain member) meet in a room; the admin
 // starts and stops the recording with the room's own button, both see the "录制中" badge; the
@@ -11,8 +11,19 @@ import { startServer, launchBrowser, ADMIN_PASSWORD } from './harness.mjs';
 let server;
 let browser;
 
+/** The recording goes to the real S3 server (Garage) that scripts/test starts. */
+function garage() {
+  const url = process.env.DJTEST_S3_URL;
+  if (!url) throw new Error('DJTEST_S3_URL is not set: run the tests with scripts/test, which starts Garage');
+  return {
+    DANGJIAN_STORAGE_URL: url,
+    DANGJIAN_S3_ACCESS_KEY_ID: process.env.DJTEST_S3_KEY_ID ?? '',
+    DANGJIAN_S3_SECRET_ACCESS_KEY: process.env.DJTEST_S3_SECRET ?? '',
+  };
+}
+
 before(async () => {
-  server = await startServer();
+  server = await startServer(garage());
   browser = await launchBrowser();
 });
 
