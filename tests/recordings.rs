@@ -699,6 +699,81 @@ async fn the_replay_is_streamed_with_ranges(backend: Backend) {
     app.stop().await;
 }
 
+async fn the_per_track_originals_are_listed_and_streamed(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.sign_in_admin().await;
+    let member = app.user_client("m1", "member").await;
+    let db = db(&app).await;
+    let id = ready("分轨录像", "someone").insert(&db).await;
+    put_replay(&app, &id).await;
+    let key = format!("recordings/{id}/originals/TR_cam.webm");
+    let originals = vec![recorder::originals::OriginalObject {
+        track: "TR_cam".into(),
+        participant: "alice".into(),
+        kind: recorder::segment::Kind::Video,
+        source: "camera".into(),
+        key: key.clone(),
+        size: 1000,
+        start_ms: 1500,
+        duration_ms: 60_000,
+    }];
+    sqlx::query("UPDATE recordings SET originals = $2 WHERE id = $1")
+        .bind(&id)
+        .bind(serde_json::to_string(&originals).unwrap())
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    store(&app)
+        .store
+        .put(&ObjectPath::from(key), PutPayload::from(fake_replay()))
+        .await
+        .unwrap();
+
+    let url = format!("/api/v1/recordings/{id}/originals/TR_cam");
+    let (status, rec) = get(&app.client, &app, &format!("/api/v1/recordings/{id}")).await;
+    assert_eq!(status, 200, "{rec}");
+    assert_eq!(
+        rec["originals"],
+        json!([{
+            "track": "TR_cam", "participant": "alice", "kind": "video", "source": "camera",
+            "start_ms": 1500, "duration_ms": 60_000, "size": 1000, "url": url,
+        }]),
+        "{rec}"
+    );
+
+    let whole = fake_replay();
+    let r = send(
+        app.client
+            .get(app.url(&url))
+            .header("range", "bytes=100-199"),
+    )
+    .await;
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.headers()["content-type"], "video/webm");
+    assert_eq!(r.headers()["content-range"], "bytes 100-199/1000");
+    assert_eq!(&r.bytes().await.unwrap()[..], &whole[100..200]);
+    let r = send(app.client.get(app.url(&url))).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap().to_vec(), whole);
+    let (status, _) = get(
+        &app.client,
+        &app,
+        &format!("/api/v1/recordings/{id}/originals/TR_nope"),
+    )
+    .await;
+    assert_eq!(status, 404);
+
+    let (status, html) = page(&app.client, &app, &format!("/recordings/{id}")).await;
+    assert_eq!(status, 200);
+    assert!(html.contains("原始分轨"), "{html}");
+    assert!(html.contains(&format!("href=\"{url}\"")), "{html}");
+
+    // Someone who may not watch the recording may not fetch its tracks either.
+    let r = send(member.get(app.url(&url)).header("range", "bytes=0-9")).await;
+    assert_eq!(r.status(), 403);
+    app.stop().await;
+}
+
 async fn the_replay_page_counts_views_and_jumps_to_marks(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     app.sign_in_admin().await;
@@ -855,6 +930,7 @@ on_both_databases!(
     the_library_filters_by_room_status_title_and_date,
     deleting_removes_the_recording_and_its_media,
     the_replay_is_streamed_with_ranges,
+    the_per_track_originals_are_listed_and_streamed,
     the_replay_page_counts_views_and_jumps_to_marks,
     recordings_left_unfinished_by_a_restart_are_finished,
 );

@@ -51,6 +51,7 @@ pub fn router() -> Router<AppState> {
         )
         .route("/api/v1/recordings/{id}/stop", post(stop))
         .route("/api/v1/recordings/{id}/media", get(media))
+        .route("/api/v1/recordings/{id}/originals/{track}", get(original))
         .route(
             "/api/v1/recordings/{id}/comments",
             get(list_comments).post(post_comment),
@@ -75,6 +76,7 @@ pub fn router() -> Router<AppState> {
         update,
         remove,
         media,
+        original,
         list_comments,
         post_comment,
         post_mark
@@ -83,6 +85,7 @@ pub fn router() -> Router<AppState> {
         Status,
         Recording,
         RecordingDetail,
+        OriginalFile,
         RecordingList,
         NewRecording,
         RecordingPatch,
@@ -172,6 +175,9 @@ pub struct Recording {
     pub media_url: Option<String>,
     #[serde(skip)]
     media_key: Option<String>,
+    /// The per-track originals as stored (keys included): only [`RecordingDetail`] shows them.
+    #[serde(skip)]
+    originals: Vec<recorder::originals::OriginalObject>,
 }
 
 /// One recording with its comment count and chapter marks.
@@ -182,6 +188,70 @@ pub struct RecordingDetail {
     /// How many comments it has.
     pub comments: i64,
     pub marks: Vec<Mark>,
+    /// Each track on its own, remuxed without transcoding (empty until the recording is ready).
+    pub originals: Vec<OriginalFile>,
+}
+
+/// One track of a recording on its own: VP8 and Opus as WebM, H.264 as MP4.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct OriginalFile {
+    pub track: String,
+    pub participant: String,
+    /// `audio` or `video`.
+    pub kind: String,
+    /// `camera`, `microphone`, `screen` or `screen_audio`.
+    pub source: String,
+    /// Where the file's time 0 lies on the recording's timeline, in milliseconds.
+    pub start_ms: i64,
+    pub duration_ms: i64,
+    pub size: u64,
+    /// Where to download or stream it from (with `Range` support).
+    pub url: String,
+}
+
+impl OriginalFile {
+    fn of(rec: &Recording) -> Vec<OriginalFile> {
+        if rec.status != Status::Ready {
+            return Vec::new();
+        }
+        rec.originals
+            .iter()
+            .map(|o| OriginalFile {
+                track: o.track.clone(),
+                participant: o.participant.clone(),
+                kind: kind_name(o.kind).into(),
+                source: o.source.clone(),
+                start_ms: o.start_ms,
+                duration_ms: o.duration_ms,
+                size: o.size,
+                url: original_url(&rec.id, &o.track),
+            })
+            .collect()
+    }
+}
+
+fn kind_name(kind: recorder::segment::Kind) -> &'static str {
+    match kind {
+        recorder::segment::Kind::Audio => "audio",
+        recorder::segment::Kind::Video => "video",
+    }
+}
+
+fn original_url(id: &str, track: &str) -> String {
+    format!("/api/v1/recordings/{id}/originals/{}", path_segment(track))
+}
+
+/// One URL path segment: unreserved characters as they are, the rest percent-encoded.
+fn path_segment(s: &str) -> String {
+    let mut seg = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            seg.push(char::from(b));
+        } else {
+            seg.push_str(&format!("%{b:02X}"));
+        }
+    }
+    seg
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -292,11 +362,12 @@ struct Row {
     published: i64,
     views: i64,
     expires_at: Option<i64>,
+    originals: Option<String>,
 }
 
 const SELECT: &str = "SELECT r.id, r.room, r.title, r.org_id, r.created_by, u.display_name AS creator_name, \
      r.status, r.failure, r.started_at, r.ended_at, r.duration_ms, r.size_bytes, r.tracks, r.media_key, \
-     r.published, r.views, r.expires_at FROM recordings r LEFT JOIN users u ON u.id = r.created_by";
+     r.published, r.views, r.expires_at, r.originals FROM recordings r LEFT JOIN users u ON u.id = r.created_by";
 
 impl Row {
     fn into_recording(self) -> Result<Recording, AppError> {
@@ -324,6 +395,10 @@ impl Row {
             expires_at: self.expires_at,
             media_url,
             media_key: self.media_key,
+            originals: self
+                .originals
+                .and_then(|o| serde_json::from_str(&o).ok())
+                .unwrap_or_default(),
         })
     }
 }
@@ -505,6 +580,7 @@ async fn detail(db: &Db, recording: Recording) -> Result<RecordingDetail, AppErr
             .await?;
     let marks = marks(db, &recording.id).await?;
     Ok(RecordingDetail {
+        originals: OriginalFile::of(&recording),
         recording,
         comments,
         marks,
@@ -580,9 +656,10 @@ async fn mark_failed(db: &Db, id: &str, reason: &str) -> Result<(), AppError> {
 
 async fn mark_ready(db: &Db, id: &str, replay: &recorder::Replay) -> Result<(), AppError> {
     let tracks = serde_json::to_string(&replay.tracks).map_err(|e| anyhow::anyhow!(e))?;
+    let originals = serde_json::to_string(&replay.originals).map_err(|e| anyhow::anyhow!(e))?;
     sqlx::query(
         "UPDATE recordings SET status = 'ready', failure = NULL, size_bytes = $2, duration_ms = $3, \
-         tracks = $4, media_key = $5, ended_at = COALESCE(ended_at, $6) WHERE id = $1",
+         tracks = $4, media_key = $5, ended_at = COALESCE(ended_at, $6), originals = $7 WHERE id = $1",
     )
     .bind(id)
     .bind(i64::try_from(replay.size).unwrap_or(i64::MAX))
@@ -590,6 +667,7 @@ async fn mark_ready(db: &Db, id: &str, replay: &recorder::Replay) -> Result<(), 
     .bind(tracks)
     .bind(&replay.key)
     .bind(now_ms())
+    .bind(originals)
     .execute(&db.pool)
     .await?;
     Ok(())
@@ -1221,23 +1299,61 @@ pub(crate) async fn media(
         (Status::Ready, Some(k)) => ObjectPath::from(k),
         _ => return Err(AppError::NotFound),
     };
-    let store = &state.storage.store;
-    let size = store.head(&key).await.map_err(store_error)?.size;
-    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
-    match parse_range(range, size) {
-        RangeAnswer::Unsatisfiable => Ok((
-            StatusCode::RANGE_NOT_SATISFIABLE,
-            [
-                (header::CONTENT_RANGE, format!("bytes */{size}")),
-                (header::ACCEPT_RANGES, "bytes".into()),
-            ],
-        )
-            .into_response()),
-        RangeAnswer::Full => stream(store.as_ref(), &key, None, size).await,
-        RangeAnswer::Partial { start, end } => {
-            stream(store.as_ref(), &key, Some((start, end)), size).await
-        }
+    serve_object(&state, &key, &headers, "video/mp4").await
+}
+
+/// One track of a recording on its own (`video/webm`, `audio/webm` or `video/mp4`), with `Range`
+/// support. Same watch rights as the replay.
+#[utoipa::path(get, path = "/api/v1/recordings/{id}/originals/{track}",
+    params(("id" = String, Path), ("track" = String, Path, description = "The track id, as `originals[].track` names it")),
+    responses((status = 200, description = "The whole file", content_type = "video/webm"),
+        (status = 206, description = "The requested range", content_type = "video/webm"),
+        (status = 403, body = ErrorBody), (status = 404, description = "Unknown recording or track, or not ready", body = ErrorBody),
+        (status = 416, description = "Range not satisfiable")))]
+pub(crate) async fn original(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path((id, track)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, AppError> {
+    let rec = watchable(&state, &user.0, &id).await?;
+    if rec.status != Status::Ready {
+        return Err(AppError::NotFound);
     }
+    let o = rec
+        .originals
+        .iter()
+        .find(|o| o.track == track)
+        .ok_or(AppError::NotFound)?;
+    let ctype = recorder::originals::content_type(&o.key, o.kind);
+    serve_object(&state, &ObjectPath::from(o.key.as_str()), &headers, ctype).await
+}
+
+/// Streams an object, or the one range of it that `headers` ask for.
+async fn serve_object(
+    state: &AppState,
+    key: &ObjectPath,
+    headers: &HeaderMap,
+    content_type: &'static str,
+) -> Result<Response, AppError> {
+    let store = &state.storage.store;
+    let size = store.head(key).await.map_err(store_error)?.size;
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let range = match parse_range(range, size) {
+        RangeAnswer::Unsatisfiable => {
+            return Ok((
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                [
+                    (header::CONTENT_RANGE, format!("bytes */{size}")),
+                    (header::ACCEPT_RANGES, "bytes".into()),
+                ],
+            )
+                .into_response());
+        }
+        RangeAnswer::Full => None,
+        RangeAnswer::Partial { start, end } => Some((start, end)),
+    };
+    stream(store.as_ref(), key, range, size, content_type).await
 }
 
 async fn stream(
@@ -1245,6 +1361,7 @@ async fn stream(
     key: &ObjectPath,
     range: Option<(u64, u64)>,
     size: u64,
+    content_type: &'static str,
 ) -> Result<Response, AppError> {
     let (status, len) = match range {
         Some((a, b)) => (StatusCode::PARTIAL_CONTENT, b - a + 1),
@@ -1266,7 +1383,7 @@ async fn stream(
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("video/mp4"));
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
@@ -1562,9 +1679,21 @@ async fn replay(
         .into_iter()
         .map(|c| context! { author => c.author, body => c.body, at => fmt_time(c.created_at) })
         .collect();
+    let originals: Vec<_> = OriginalFile::of(&rec)
+        .into_iter()
+        .map(|o| {
+            let ext = original_ext(&rec, &o.track);
+            context! {
+                participant => o.participant, kind => track_label(&o.kind, &o.source),
+                segment => path_segment(&o.track), duration => fmt_duration(o.duration_ms), size => fmt_size(o.size as i64),
+                filename => format!("{}-{}.{ext}", o.participant, o.source),
+            }
+        })
+        .collect();
     let ctx = context! {
         user => user, can_manage => can_manage(user, &rec),
         can_stop => rec.status == Status::Recording && user.role.allows(Permission::RecordRooms),
+        originals => originals,
         rec => Card::from(rec), marks => marks, comments => comments, error => error,
         max_comment => MAX_COMMENT_CHARS,
     };
@@ -1572,6 +1701,28 @@ async fn replay(
         crate::pages::render_page(state, headers, "recording.html", ctx)?.into_response();
     *resp.status_mut() = status;
     Ok(resp)
+}
+
+/// `摄像头视频`, `麦克风音频`…: what an original holds, for the replay page.
+fn track_label(kind: &str, source: &str) -> String {
+    let source = match source {
+        "camera" => "摄像头",
+        "microphone" => "麦克风",
+        "screen" => "屏幕共享",
+        "screen_audio" => "共享音频",
+        _ => "",
+    };
+    let kind = if kind == "audio" { "音频" } else { "视频" };
+    format!("{source}{kind}")
+}
+
+/// The extension of a stored original (`webm` or `mp4`).
+fn original_ext<'a>(rec: &'a Recording, track: &str) -> &'a str {
+    rec.originals
+        .iter()
+        .find(|o| o.track == track)
+        .and_then(|o| o.key.rsplit_once('.'))
+        .map_or("bin", |(_, e)| e)
 }
 
 #[derive(Deserialize)]
@@ -1733,6 +1884,7 @@ mod tests {
             "/api/v1/recordings/{id}",
             "/api/v1/recordings/{id}/stop",
             "/api/v1/recordings/{id}/media",
+            "/api/v1/recordings/{id}/originals/{track}",
             "/api/v1/recordings/{id}/comments",
             "/api/v1/recordings/{id}/marks",
         ] {

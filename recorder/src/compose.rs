@@ -65,7 +65,7 @@ pub enum ComposeError {
     Io(#[from] std::io::Error),
 }
 
-type Result<T> = std::result::Result<T, ComposeError>;
+pub(crate) type Result<T> = std::result::Result<T, ComposeError>;
 
 /// Output audio: what browsers and AAC-LC expect.
 const RATE: i64 = 48_000;
@@ -86,9 +86,9 @@ const SPEECH_ENERGY: f64 = 1e-5;
 /// Largest output picture.
 const MAX_SIZE: (u32, u32) = (1280, 720);
 /// Used for the output size when no frame of the first shown track decodes.
-const FALLBACK_SIZE: (u32, u32) = (640, 360);
+pub(crate) const FALLBACK_SIZE: (u32, u32) = (640, 360);
 
-fn ff(what: &str, e: ffmpeg::Error) -> ComposeError {
+pub(crate) fn ff(what: &str, e: ffmpeg::Error) -> ComposeError {
     ComposeError::Ffmpeg(format!("{what}: {e}"))
 }
 
@@ -131,14 +131,14 @@ pub fn compose(tracks: &[TrackInput], out: &Path) -> Result<ComposeReport> {
 // Reading segments
 
 /// A frame as read, and whether frames were lost just before it (its decoder needs a keyframe).
-struct ReadFrame {
-    frame: Frame,
-    after_loss: bool,
+pub(crate) struct ReadFrame {
+    pub(crate) frame: Frame,
+    pub(crate) after_loss: bool,
 }
 
 /// Streams a track's frames one segment at a time. A missing or garbled segment, a jump in
 /// `seq` or a cut segment marks the next frame as following a loss; none of them is an error.
-struct FrameReader<'a> {
+pub(crate) struct FrameReader<'a> {
     paths: std::slice::Iter<'a, PathBuf>,
     current: std::vec::IntoIter<Frame>,
     expect_seq: Option<u32>,
@@ -148,7 +148,7 @@ struct FrameReader<'a> {
 }
 
 impl<'a> FrameReader<'a> {
-    fn new(paths: &'a [PathBuf]) -> Self {
+    pub(crate) fn new(paths: &'a [PathBuf]) -> Self {
         Self {
             paths: paths.iter(),
             current: Vec::new().into_iter(),
@@ -159,7 +159,7 @@ impl<'a> FrameReader<'a> {
         }
     }
 
-    fn next(&mut self) -> Result<Option<ReadFrame>> {
+    pub(crate) fn next(&mut self) -> Result<Option<ReadFrame>> {
         if let Some(f) = self.peeked.take() {
             return Ok(Some(f));
         }
@@ -254,7 +254,7 @@ fn nal_type(nal: &[u8]) -> u8 {
 
 /// Keyframes are read from the bitstream, not trusted from the segment's flag: a wrong flag
 /// would start a decoder (or an MP4 sync sample) on a frame it cannot decode.
-fn is_keyframe(codec: Codec, data: &[u8]) -> bool {
+pub(crate) fn is_keyframe(codec: Codec, data: &[u8]) -> bool {
     match codec {
         // VP8 frame tag: bit 0 is 0 for a key frame.
         Codec::Vp8 => data.first().is_some_and(|b| b & 1 == 0),
@@ -264,7 +264,7 @@ fn is_keyframe(codec: Codec, data: &[u8]) -> bool {
 }
 
 /// Annex-B to the length-prefixed form MP4 samples use.
-fn annexb_to_avcc(au: &[u8]) -> Vec<u8> {
+pub(crate) fn annexb_to_avcc(au: &[u8]) -> Vec<u8> {
     let nals = nal_units(au);
     let mut out = Vec::with_capacity(au.len() + 4 * nals.len());
     for nal in nals {
@@ -275,7 +275,7 @@ fn annexb_to_avcc(au: &[u8]) -> Vec<u8> {
 }
 
 /// An AVCDecoderConfigurationRecord (avcC) for one SPS and one PPS.
-fn avcc_extradata(sps: &[u8], pps: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn avcc_extradata(sps: &[u8], pps: &[u8]) -> Option<Vec<u8>> {
     if sps.len() < 4 || pps.is_empty() || sps.len() > 0xffff || pps.len() > 0xffff {
         return None;
     }
@@ -292,18 +292,18 @@ fn avcc_extradata(sps: &[u8], pps: &[u8]) -> Option<Vec<u8>> {
 // Pass 1: scan
 
 #[derive(Debug, Default)]
-struct Scan {
-    first_us: Option<i64>,
-    end_us: i64,
+pub(crate) struct Scan {
+    pub(crate) first_us: Option<i64>,
+    pub(crate) end_us: i64,
     /// Keyframe times, and the times of the first frame after each loss: decoding can start at
     /// a keyframe not followed by a loss before the wanted time.
-    keyframes: Vec<i64>,
+    pub(crate) keyframes: Vec<i64>,
     breaks: Vec<i64>,
     live: Vec<(i64, i64)>,
     /// Audio: sum of squared samples per one-second window (by absolute pts).
     energy: BTreeMap<i64, f64>,
-    sps: BTreeSet<Vec<u8>>,
-    pps: BTreeSet<Vec<u8>>,
+    pub(crate) sps: BTreeSet<Vec<u8>>,
+    pub(crate) pps: BTreeSet<Vec<u8>>,
 }
 
 impl Scan {
@@ -340,7 +340,7 @@ impl Scan {
     }
 }
 
-fn scan_track(input: &TrackInput) -> Result<Scan> {
+pub(crate) fn scan_track(input: &TrackInput) -> Result<Scan> {
     let mut scan = Scan::default();
     match (input.meta.kind, input.meta.codec) {
         (Kind::Video, Codec::Vp8 | Codec::H264) => scan_video(input, &mut scan)?,
@@ -618,14 +618,14 @@ fn write_replay(
         .map_err(|e| ff("finishing the replay", e))
 }
 
-fn stream_time_base(octx: &format::context::Output, index: usize) -> Result<Rational> {
+pub(crate) fn stream_time_base(octx: &format::context::Output, index: usize) -> Result<Rational> {
     octx.stream(index)
         .map(|s| s.time_base())
         .ok_or_else(|| ComposeError::Ffmpeg(format!("output stream {index} vanished")))
 }
 
 /// Writes one packet, timestamped in `from` units, to stream `index`.
-fn write_packet(
+pub(crate) fn write_packet(
     octx: &mut format::context::Output,
     pkt: &mut Packet,
     index: usize,
@@ -1156,7 +1156,7 @@ impl<'a> CopyVideo<'a> {
     }
 }
 
-fn set_h264_parameters(
+pub(crate) fn set_h264_parameters(
     par: &mut codec::Parameters,
     width: u32,
     height: u32,
@@ -1202,7 +1202,7 @@ fn open_video_decoder(codec: Codec) -> Result<decoder::Video> {
 }
 
 /// The size of the first picture decoded from `from_us` on, if any decodes.
-fn probe_size(input: &TrackInput, from_us: i64) -> Result<Option<(u32, u32)>> {
+pub(crate) fn probe_size(input: &TrackInput, from_us: i64) -> Result<Option<(u32, u32)>> {
     let mut reader = FrameReader::new(&input.segments);
     let mut dec = open_video_decoder(input.meta.codec)?;
     let mut pic = frame::Video::empty();

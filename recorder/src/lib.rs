@@ -14,6 +14,7 @@
 
 pub mod capture;
 pub mod compose;
+pub mod originals;
 pub mod segment;
 pub mod spool;
 #[doc(hidden)]

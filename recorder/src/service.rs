@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::capture::{self, Capture, Summary};
 use crate::compose::{self, TrackInput};
+use crate::originals::{self, OriginalObject};
 use crate::segment::TrackMeta;
 use crate::spool::Spool;
 
@@ -50,6 +51,8 @@ pub struct Replay {
     pub tracks: Vec<TrackMeta>,
     /// When the replay starts showing a screen share (ms), and whose: chapter marks.
     pub screen_shares: Vec<(i64, String)>,
+    /// Each track remuxed on its own (a track that cannot be exported is left out).
+    pub originals: Vec<OriginalObject>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -221,6 +224,7 @@ impl Recorder {
             .map_err(|e| RecorderError::Other(format!("compose task failed: {e}")))??;
         let key = crate::replay_key(id);
         let size = self.upload_file(&out, &key).await?;
+        let originals = self.export_originals(id, &tracks, work.path()).await;
         let metas: Vec<TrackMeta> = tracks.into_iter().map(|t| t.meta).collect();
         Ok(Replay {
             key,
@@ -228,7 +232,56 @@ impl Recorder {
             duration_ms: report.duration_ms,
             screen_shares: screen_shares(&report.switches, &metas),
             tracks: metas,
+            originals,
         })
+    }
+
+    /// Remuxes every track on its own and uploads it. A track that fails is logged and left
+    /// out: the replay stands without it.
+    async fn export_originals(
+        &self,
+        id: &str,
+        tracks: &[TrackInput],
+        work: &std::path::Path,
+    ) -> Vec<OriginalObject> {
+        let dir = work.join("originals");
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            tracing::warn!(recording = id, error = %e, "no room for the originals");
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for track in tracks {
+            let (input, dir2) = (track.clone(), dir.clone());
+            let exported = tokio::task::spawn_blocking(move || originals::export(&input, &dir2))
+                .await
+                .map_err(|e| format!("export task failed: {e}"))
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            let original = match exported {
+                Ok(o) => o,
+                Err(error) => {
+                    tracing::warn!(recording = id, track = %track.meta.track, error, "original not exported");
+                    continue;
+                }
+            };
+            let key = originals::original_key(id, &original.track, original.codec);
+            match self.upload_file(&original.file, &key).await {
+                Ok(size) => out.push(OriginalObject {
+                    track: original.track,
+                    participant: original.participant,
+                    kind: original.kind,
+                    source: original.source,
+                    key,
+                    size,
+                    start_ms: original.start_ms,
+                    duration_ms: original.duration_ms,
+                }),
+                Err(e) => {
+                    tracing::warn!(recording = id, track = %original.track, error = %e, "original not uploaded");
+                }
+            }
+            let _ = std::fs::remove_file(&original.file);
+        }
+        out
     }
 
     /// Fetches every stored segment of `id` into `dir`, grouped by track in sequence order.
