@@ -299,7 +299,59 @@ async fn moving_a_subtree_carries_its_descendants(backend: Backend) {
     app.stop().await;
 }
 
+/// The tree page shows one's own subtree, and its forms change it.
+async fn the_tree_page_shows_and_changes_only_ones_subtree(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.sign_in_admin().await;
+    let root = new_org(&app.client, &app, None, "镇党委", "committee").await;
+    let a = new_org(&app.client, &app, Some(&root), "甲村党支部", "branch").await;
+    new_org(&app.client, &app, Some(&root), "乙村党支部", "branch").await;
+    let keeper_a = keeper(&app, "cun", "org_admin", &a).await;
+    let html = keeper_a
+        .get(app.url("/orgs"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        html.contains("甲村党支部") && !html.contains("乙村党支部") && !html.contains("镇党委")
+    );
+    let csrf = html
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("a CSRF token in the form")
+        .to_string();
+    let r = keeper_a
+        .post(app.url("/orgs"))
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("parent_id", a.as_str()),
+            ("name", "第一党小组"),
+            ("kind", "group"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_redirection(), "{}", r.status());
+    let (_, mine) = call(&keeper_a, &app, Method::GET, "/api/v1/orgs", None).await;
+    assert_eq!(names(&mine), ["甲村党支部", "第一党小组"]);
+    // A refused change says why on the page.
+    let r = keeper_a
+        .post(app.url(&format!("/orgs/{a}/dissolve")))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    assert!(r.text().await.unwrap().contains("不能撤销自己管理的根组织"));
+    app.stop().await;
+}
+
 on_both_databases!(
+    the_tree_page_shows_and_changes_only_ones_subtree,
     an_org_admin_keeps_only_their_subtree,
     moving_a_subtree_carries_its_descendants,
 );

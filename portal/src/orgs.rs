@@ -6,15 +6,17 @@
 //! condition inside the query itself: an id from another subtree is simply not found (404), the
 //! same answer as an id that does not exist, so guessing ids reveals nothing.
 
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::extract::{Form, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use minijinja::context;
 use serde::{Deserialize, Serialize};
 use utoipa::OpenApi;
 
 use crate::AppState;
-use crate::auth::{self, CurrentUser, Permission, Role, User};
+use crate::auth::{self, CurrentUser, MaybeUser, Permission, Role, User};
 use crate::db::{Db, new_id, now_ms};
 use crate::error::{ApiJson, AppError, ErrorBody};
 
@@ -29,6 +31,10 @@ pub fn router() -> Router<AppState> {
             get(get_one).patch(update).delete(dissolve),
         )
         .route("/api/v1/orgs/{id}/move", post(move_org))
+        .route("/orgs", get(tree_page).post(create_form))
+        .route("/orgs/{id}/rename", post(rename_form))
+        .route("/orgs/{id}/move", post(move_form))
+        .route("/orgs/{id}/dissolve", post(dissolve_form))
 }
 
 #[derive(OpenApi)]
@@ -551,6 +557,173 @@ pub(crate) async fn dissolve(
     dissolve_org(&state.db, &scope, &id).await?;
     auth::audit(&state.db, Some(&me.id), "dissolve_org", &id, "").await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pages
+// ---------------------------------------------------------------------------------------------
+
+/// `/orgs`: the caller's part of the tree, with the forms to change it for those who may.
+async fn tree_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    MaybeUser(user): MaybeUser,
+) -> Result<Response, AppError> {
+    let Some(user) = user else {
+        return Ok(Redirect::to("/login?next=/orgs").into_response());
+    };
+    render_tree(&state, &headers, &user, None).await
+}
+
+async fn render_tree(
+    state: &AppState,
+    headers: &HeaderMap,
+    user: &User,
+    error: Option<String>,
+) -> Result<Response, AppError> {
+    let scope = Scope::of(&state.db, user).await?;
+    let orgs = scope.orgs(&state.db).await?;
+    let top = orgs.iter().map(|o| o.depth).min().unwrap_or(0);
+    let rows: Vec<_> = orgs
+        .iter()
+        .map(|o| {
+            context! {
+                id => o.id, name => o.name, code => o.code, kind_label => o.kind.label(),
+                depth_in_view => o.depth - top,
+                is_root => scope.root.as_deref() == Some(o.id.as_str()),
+            }
+        })
+        .collect();
+    let kinds: Vec<_> = OrgKind::ALL
+        .iter()
+        .map(|k| context! { key => k.as_str(), label => k.label() })
+        .collect();
+    let ctx = context! {
+        user => user, orgs => rows, kinds => kinds, error => error,
+        can_manage => user.role.allows(Permission::ManageOrgs),
+        can_create_root => user.role == Role::SystemAdmin,
+    };
+    let status = if error.is_some() {
+        StatusCode::UNPROCESSABLE_ENTITY
+    } else {
+        StatusCode::OK
+    };
+    let mut resp = crate::pages::render_page(state, headers, "orgs.html", ctx)?.into_response();
+    *resp.status_mut() = status;
+    Ok(resp)
+}
+
+#[derive(Deserialize)]
+struct OrgForm {
+    csrf: String,
+    #[serde(default)]
+    parent_id: Option<String>,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    kind: Option<String>,
+}
+
+/// Runs a form's change; a refused change shows the tree again with the reason.
+async fn form_outcome(
+    state: &AppState,
+    headers: &HeaderMap,
+    user: &User,
+    csrf: &str,
+    change: impl std::future::Future<Output = Result<(), AppError>>,
+) -> Result<Response, AppError> {
+    if !auth::csrf_ok(headers, csrf) {
+        return Err(AppError::Forbidden(
+            "页面已过期，请刷新后重试。(form expired)".into(),
+        ));
+    }
+    match change.await {
+        Ok(()) => Ok(Redirect::to("/orgs").into_response()),
+        Err(
+            e @ (AppError::Unprocessable(_)
+            | AppError::Conflict(_)
+            | AppError::Forbidden(_)
+            | AppError::NotFound),
+        ) => render_tree(state, headers, user, Some(e.to_string())).await,
+        Err(e) => Err(e),
+    }
+}
+
+async fn create_form(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    user: CurrentUser,
+    Form(f): Form<OrgForm>,
+) -> Result<Response, AppError> {
+    let me = user.require(Permission::ManageOrgs)?;
+    let change = async {
+        let scope = Scope::of(&state.db, me).await?;
+        let kind = f
+            .kind
+            .as_deref()
+            .and_then(OrgKind::parse)
+            .ok_or_else(|| AppError::Unprocessable("请选择组织类型 (choose a kind)".into()))?;
+        let parent = f.parent_id.as_deref().filter(|p| !p.is_empty());
+        let org = create_org(&state.db, &scope, parent, &f.name, kind, None).await?;
+        auth::audit(&state.db, Some(&me.id), "create_org", &org.id, &org.name).await
+    };
+    form_outcome(&state, &headers, me, &f.csrf, change).await
+}
+
+async fn rename_form(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    user: CurrentUser,
+    Path(id): Path<String>,
+    Form(f): Form<OrgForm>,
+) -> Result<Response, AppError> {
+    let me = user.require(Permission::ManageOrgs)?;
+    let change = async {
+        let scope = Scope::of(&state.db, me).await?;
+        let o = scope.org(&state.db, &id).await?;
+        let name = clean_name(&f.name)?;
+        sqlx::query("UPDATE orgs SET name = $2, updated_at = $3 WHERE id = $1")
+            .bind(&o.id)
+            .bind(&name)
+            .bind(now_ms())
+            .execute(&state.db.pool)
+            .await?;
+        auth::audit(&state.db, Some(&me.id), "update_org", &o.id, &name).await
+    };
+    form_outcome(&state, &headers, me, &f.csrf, change).await
+}
+
+async fn move_form(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    user: CurrentUser,
+    Path(id): Path<String>,
+    Form(f): Form<OrgForm>,
+) -> Result<Response, AppError> {
+    let me = user.require(Permission::ManageOrgs)?;
+    let change = async {
+        let scope = Scope::of(&state.db, me).await?;
+        let parent = f.parent_id.clone().unwrap_or_default();
+        move_subtree(&state.db, &scope, &id, &parent).await?;
+        auth::audit(&state.db, Some(&me.id), "move_org", &id, &parent).await
+    };
+    form_outcome(&state, &headers, me, &f.csrf, change).await
+}
+
+async fn dissolve_form(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    user: CurrentUser,
+    Path(id): Path<String>,
+    Form(f): Form<OrgForm>,
+) -> Result<Response, AppError> {
+    let me = user.require(Permission::ManageOrgs)?;
+    let change = async {
+        let scope = Scope::of(&state.db, me).await?;
+        dissolve_org(&state.db, &scope, &id).await?;
+        auth::audit(&state.db, Some(&me.id), "dissolve_org", &id, "").await
+    };
+    form_outcome(&state, &headers, me, &f.csrf, change).await
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@ const TEMPLATES: &[(&str, &str)] = &[
     ),
     ("room.html", include_str!("../../web/templates/room.html")),
     ("rooms.html", include_str!("../../web/templates/rooms.html")),
+    ("orgs.html", include_str!("../../web/templates/orgs.html")),
     (
         "recordings.html",
         include_str!("../../web/templates/recordings.html"),
@@ -35,6 +36,9 @@ const TEMPLATES: &[(&str, &str)] = &[
         "recording.html",
         include_str!("../../web/templates/recording.html"),
     ),
+    ("members.html", include_str!("../../web/templates/members.html")),
+    ("member.html", include_str!("../../web/templates/member.html")),
+    ("member_form.html", include_str!("../../web/templates/member_form.html")),
 ];
 
 const APP_CSS: &str = include_str!("../../web/static/app.css");
@@ -156,7 +160,7 @@ fn nav_for(user: &User) -> Vec<NavItem> {
             title: "组织管理",
             desc: "组织、党员、党费、组织生活",
             href: "/orgs",
-            ready: false,
+            ready: true,
         },
         NavItem {
             title: "机关办公",
