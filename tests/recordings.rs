@@ -922,7 +922,124 @@ async fn configured_retention_sets_the_expiry_of_new_recordings(backend: Backend
     app.stop().await;
 }
 
+/// A new org under `parent`, through the API (the client must keep the parent).
+async fn org(app: &TestApp, parent: Option<&str>, name: &str, kind: &str) -> String {
+    let (status, v) = call(
+        &app.client,
+        app,
+        Method::POST,
+        "/api/v1/orgs",
+        Some(json!({"parent_id": parent, "name": name, "kind": kind})),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    v["id"].as_str().unwrap().to_string()
+}
+
+/// A signed-in client for a new user of `role` in `org`.
+async fn org_user(app: &TestApp, username: &str, role: &str, org: &str) -> reqwest::Client {
+    let (status, v) = call(
+        &app.client,
+        app,
+        Method::POST,
+        "/api/v1/users",
+        Some(json!({"username": username, "display_name": username, "password": "initial-pass-1", "role": role, "org_id": org})),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    let c = common::client();
+    let r = send(
+        c.post(app.url("/api/v1/session"))
+            .json(&json!({"username": username, "password": "initial-pass-1"})),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    c
+}
+
+/// A recording belongs to its starter's org: that org's members (and its groups') and the orgs
+/// above it may watch; another branch may not, on the page, the API or the media URL.
+async fn the_owning_org_and_its_superiors_may_watch_other_branches_may_not(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.sign_in_admin().await;
+    let committee = org(&app, None, "街道党工委", "committee").await;
+    let a = org(&app, Some(&committee), "第一支部", "branch").await;
+    let b = org(&app, Some(&committee), "第二支部", "branch").await;
+    let group = org(&app, Some(&a), "第一支部第一小组", "group").await;
+    let secretary_a = org_user(&app, "sec-a", "secretary", &a).await;
+    let (status, created) = call(
+        &secretary_a,
+        &app,
+        Method::POST,
+        "/api/v1/rooms/branch-a/recordings",
+        None,
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().unwrap().to_string();
+    let (status, _) = call(
+        &secretary_a,
+        &app,
+        Method::POST,
+        &format!("/api/v1/recordings/{id}/stop"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 202);
+    let rec = wait_for(&secretary_a, &app, &id, settled).await;
+    assert_eq!(
+        rec["org_id"],
+        a.as_str(),
+        "owned by the starter's org: {rec}"
+    );
+    // Give it a replay to watch.
+    sqlx::query("UPDATE recordings SET status = 'ready', media_key = $2 WHERE id = $1")
+        .bind(&id)
+        .bind(recorder::replay_key(&id))
+        .execute(&db(&app).await.pool)
+        .await
+        .unwrap();
+    put_replay(&app, &id).await;
+
+    let api = format!("/api/v1/recordings/{id}");
+    let paths = [
+        api.clone(),
+        format!("{api}/media"),
+        format!("{api}/comments"),
+    ];
+    let member_a = org_user(&app, "m-a", "member", &a).await;
+    let member_group = org_user(&app, "m-g", "member", &group).await;
+    let above = org_user(&app, "m-c", "member", &committee).await;
+    for (who, c) in [
+        ("member of A", &member_a),
+        ("member of A's group", &member_group),
+        ("member of the committee above", &above),
+    ] {
+        for p in &paths {
+            let (status, body) = get(c, &app, p).await;
+            assert_eq!(status, 200, "{who} {p}: {body}");
+        }
+    }
+    let member_b = org_user(&app, "m-b", "member", &b).await;
+    let admin_b = org_user(&app, "adm-b", "org_admin", &b).await;
+    for (who, c) in [("member of B", &member_b), ("org admin of B", &admin_b)] {
+        for p in &paths {
+            let (status, body) = get(c, &app, p).await;
+            assert_eq!(status, 403, "{who} {p}: {body}");
+        }
+        let (status, _) = page(c, &app, &format!("/recordings/{id}")).await;
+        assert_eq!(status, 403, "{who}: the page");
+        let (_, list) = get(c, &app, "/api/v1/recordings").await;
+        assert_eq!(
+            list["total"], 0,
+            "{who} does not even see it listed: {list}"
+        );
+    }
+    app.stop().await;
+}
+
 on_both_databases!(
+    the_owning_org_and_its_superiors_may_watch_other_branches_may_not,
     configured_retention_sets_the_expiry_of_new_recordings,
     starting_and_stopping_a_recording,
     only_the_creator_admins_and_everyone_once_published_may_watch,

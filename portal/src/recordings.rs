@@ -175,6 +175,9 @@ pub struct Recording {
     pub media_url: Option<String>,
     #[serde(skip)]
     media_key: Option<String>,
+    /// The owning org's materialised path (for [`can_watch`]).
+    #[serde(skip)]
+    org_path: Option<String>,
     /// The per-track originals as stored (keys included): only [`RecordingDetail`] shows them.
     #[serde(skip)]
     originals: Vec<recorder::originals::OriginalObject>,
@@ -320,14 +323,32 @@ pub struct CreatedId {
     pub id: String,
 }
 
-/// Who may watch a recording (its page, its API entry, its media, its comments).
-///
-/// System admins and org admins, the user who started it, and — once it is published — anyone
-/// signed in. When the org tree lands, "org admins" narrows to admins of the recording's org or
-/// an org above it, and members of that org subtree join the watchers: that rule goes here and
-/// nowhere else.
-pub fn can_watch(user: &User, rec: &Recording) -> bool {
-    is_admin(user) || rec.created_by == user.id || rec.published
+/// Who may watch a recording (its page, its API entry, its media, its comments): system admins,
+/// the user who started it, anyone signed in once it is published, and otherwise the people of
+/// its org — members of the owning org (and its groups) and of every org above it.
+/// `viewer_org_path` is the path of the viewer's own org. A recording without an org (started
+/// by someone who keeps none) is for org admins too. This rule goes here and nowhere else.
+pub fn can_watch(user: &User, viewer_org_path: Option<&str>, rec: &Recording) -> bool {
+    if user.role == Role::SystemAdmin || rec.created_by == user.id || rec.published {
+        return true;
+    }
+    match (rec.org_path.as_deref(), viewer_org_path) {
+        (Some(owner), Some(viewer)) => owner.starts_with(viewer) || viewer.starts_with(owner),
+        (Some(_), None) => false,
+        (None, _) => user.role == Role::OrgAdmin,
+    }
+}
+
+/// The path of `user`'s own org, for [`can_watch`].
+async fn viewer_path(db: &Db, user: &User) -> Result<Option<String>, AppError> {
+    let Some(org) = &user.org_id else {
+        return Ok(None);
+    };
+    let row: Option<(String,)> = sqlx::query_as("SELECT path FROM orgs WHERE id = $1")
+        .bind(org)
+        .fetch_optional(&db.pool)
+        .await?;
+    Ok(row.map(|(p,)| p))
 }
 
 /// Who may rename, publish or delete a recording: the user who started it, or an admin.
@@ -363,11 +384,13 @@ struct Row {
     views: i64,
     expires_at: Option<i64>,
     originals: Option<String>,
+    org_path: Option<String>,
 }
 
 const SELECT: &str = "SELECT r.id, r.room, r.title, r.org_id, r.created_by, u.display_name AS creator_name, \
      r.status, r.failure, r.started_at, r.ended_at, r.duration_ms, r.size_bytes, r.tracks, r.media_key, \
-     r.published, r.views, r.expires_at, r.originals FROM recordings r LEFT JOIN users u ON u.id = r.created_by";
+     r.published, r.views, r.expires_at, r.originals, o.path AS org_path FROM recordings r \
+     LEFT JOIN users u ON u.id = r.created_by LEFT JOIN orgs o ON o.id = r.org_id";
 
 impl Row {
     fn into_recording(self) -> Result<Recording, AppError> {
@@ -395,6 +418,7 @@ impl Row {
             expires_at: self.expires_at,
             media_url,
             media_key: self.media_key,
+            org_path: self.org_path,
             originals: self
                 .originals
                 .and_then(|o| serde_json::from_str(&o).ok())
@@ -417,7 +441,8 @@ pub async fn load(db: &Db, id: &str) -> Result<Recording, AppError> {
 /// A recording `user` may watch: 404 when there is none, 403 when it is not theirs to see.
 async fn watchable(state: &AppState, user: &User, id: &str) -> Result<Recording, AppError> {
     let rec = load(&state.db, id).await?;
-    if can_watch(user, &rec) {
+    let viewer = viewer_path(&state.db, user).await?;
+    if can_watch(user, viewer.as_deref(), &rec) {
         Ok(rec)
     } else {
         Err(AppError::Forbidden("你没有观看此录像的权限".into()))
@@ -526,10 +551,11 @@ pub async fn visible(
     limit: usize,
     offset: usize,
 ) -> Result<(Vec<Recording>, usize), AppError> {
+    let viewer = viewer_path(db, user).await?;
     let all: Vec<Recording> = search(db, f)
         .await?
         .into_iter()
-        .filter(|r| can_watch(user, r))
+        .filter(|r| can_watch(user, viewer.as_deref(), r))
         .collect();
     let total = all.len();
     Ok((all.into_iter().skip(offset).take(limit).collect(), total))
@@ -736,7 +762,7 @@ pub async fn start_recording(
     let now = now_ms();
     let inserted = sqlx::query(
         "INSERT INTO recordings (id, room, title, org_id, created_by, status, started_at, expires_at) \
-         VALUES ($1, $2, $3, NULL, $4, 'recording', $5, $6)",
+         VALUES ($1, $2, $3, (SELECT org_id FROM users WHERE id = $4), $4, 'recording', $5, $6)",
     )
     .bind(&id)
     .bind(room)
