@@ -39,6 +39,14 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("members.html", include_str!("../../web/templates/members.html")),
     ("member.html", include_str!("../../web/templates/member.html")),
     ("member_form.html", include_str!("../../web/templates/member_form.html")),
+    ("orglife.html", include_str!("../../web/templates/orglife.html")),
+    ("guidance.html", include_str!("../../web/templates/guidance.html")),
+    ("stats.html", include_str!("../../web/templates/stats.html")),
+    (
+        "transfers.html",
+        include_str!("../../web/templates/transfers.html"),
+    ),
+    ("dues.html", include_str!("../../web/templates/dues.html")),
 ];
 
 const APP_CSS: &str = include_str!("../../web/static/app.css");
