@@ -36,11 +36,26 @@ const TEMPLATES: &[(&str, &str)] = &[
         "recording.html",
         include_str!("../../web/templates/recording.html"),
     ),
-    ("members.html", include_str!("../../web/templates/members.html")),
-    ("member.html", include_str!("../../web/templates/member.html")),
-    ("member_form.html", include_str!("../../web/templates/member_form.html")),
-    ("orglife.html", include_str!("../../web/templates/orglife.html")),
-    ("guidance.html", include_str!("../../web/templates/guidance.html")),
+    (
+        "members.html",
+        include_str!("../../web/templates/members.html"),
+    ),
+    (
+        "member.html",
+        include_str!("../../web/templates/member.html"),
+    ),
+    (
+        "member_form.html",
+        include_str!("../../web/templates/member_form.html"),
+    ),
+    (
+        "orglife.html",
+        include_str!("../../web/templates/orglife.html"),
+    ),
+    (
+        "guidance.html",
+        include_str!("../../web/templates/guidance.html"),
+    ),
     ("stats.html", include_str!("../../web/templates/stats.html")),
     (
         "transfers.html",
