@@ -556,6 +556,7 @@ async fn figures(backend: Backend) {
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["inserted"], 100_000);
     let import = t.elapsed();
+    eprintln!("FIGURES {backend:?}: import 100,000 new: {import:?}");
     let t = Instant::now();
     let out = download(&app.client, &app, "/api/v1/members/export.xlsx").await;
     let export = t.elapsed();
