@@ -1035,6 +1035,30 @@ async fn the_owning_org_and_its_superiors_may_watch_other_branches_may_not(backe
             "{who} does not even see it listed: {list}"
         );
     }
+    // Published, another branch's admin may watch it but not change it; the committee's may.
+    let admin_above = org_user(&app, "adm-c", "org_admin", &committee).await;
+    let (status, _) = call(
+        &admin_above,
+        &app,
+        Method::PATCH,
+        &api,
+        Some(json!({"published": true})),
+    )
+    .await;
+    assert_eq!(status, 200, "an admin of the org above manages it");
+    let (status, _) = get(&admin_b, &app, &api).await;
+    assert_eq!(status, 200, "published: everyone signed in watches");
+    let (status, _) = call(
+        &admin_b,
+        &app,
+        Method::PATCH,
+        &api,
+        Some(json!({"title": "改掉"})),
+    )
+    .await;
+    assert_eq!(status, 403, "but another branch's admin does not manage it");
+    let (status, _) = call(&admin_b, &app, Method::DELETE, &api, None).await;
+    assert_eq!(status, 403);
     app.stop().await;
 }
 

@@ -351,13 +351,20 @@ async fn viewer_path(db: &Db, user: &User) -> Result<Option<String>, AppError> {
     Ok(row.map(|(p,)| p))
 }
 
-/// Who may rename, publish or delete a recording: the user who started it, or an admin.
-pub fn can_manage(user: &User, rec: &Recording) -> bool {
-    is_admin(user) || rec.created_by == user.id
-}
-
-fn is_admin(user: &User) -> bool {
-    matches!(user.role, Role::SystemAdmin | Role::OrgAdmin)
+/// Who may rename, publish or delete a recording: system admins, the user who started it, and
+/// org admins of its org or an org above it (any org admin for a recording without an org).
+pub fn can_manage(user: &User, viewer_org_path: Option<&str>, rec: &Recording) -> bool {
+    if user.role == Role::SystemAdmin || rec.created_by == user.id {
+        return true;
+    }
+    if user.role != Role::OrgAdmin {
+        return false;
+    }
+    match (rec.org_path.as_deref(), viewer_org_path) {
+        (Some(owner), Some(viewer)) => owner.starts_with(viewer),
+        (Some(_), None) => false,
+        (None, _) => true,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -452,7 +459,8 @@ async fn watchable(state: &AppState, user: &User, id: &str) -> Result<Recording,
 /// A recording `user` may manage (implies watch).
 async fn manageable(state: &AppState, user: &User, id: &str) -> Result<Recording, AppError> {
     let rec = watchable(state, user, id).await?;
-    if can_manage(user, &rec) {
+    let viewer = viewer_path(&state.db, user).await?;
+    if can_manage(user, viewer.as_deref(), &rec) {
         Ok(rec)
     } else {
         Err(AppError::Forbidden(
@@ -1717,7 +1725,7 @@ async fn replay(
         })
         .collect();
     let ctx = context! {
-        user => user, can_manage => can_manage(user, &rec),
+        user => user, can_manage => can_manage(user, viewer_path(&state.db, user).await?.as_deref(), &rec),
         can_stop => rec.status == Status::Recording && user.role.allows(Permission::RecordRooms),
         originals => originals,
         rec => Card::from(rec), marks => marks, comments => comments, error => error,
