@@ -1,0 +1,130 @@
+//! The load tool against a real server: what it reports must be what a viewer got. Small loads
+//! (a handful of clients for a few seconds); the figures come from `dangjian-load` runs, see
+//! docs/performance.md.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{Backend, TestApp};
+use loadtest::dangjian::Dangjian;
+use loadtest::report::Report;
+use loadtest::scenario::{self, Plan, Scenario};
+
+async fn load(app: &TestApp, scenario: Scenario, steps: Vec<usize>) -> Report {
+    let key = std::fs::read_to_string(app.data_dir().join("token.key")).unwrap();
+    let target = Arc::new(Dangjian::new(&app.addr.to_string(), &key).unwrap());
+    let plan = Plan {
+        scenario,
+        steps,
+        step_secs: 3,
+        settle_secs: 1,
+        join_concurrency: 8,
+        room: "load".into(),
+        client_ip: "127.0.0.1".parse().unwrap(),
+        // The server runs inside this test process: its CPU is not the server's alone.
+        server_pid: None,
+        verbose: false,
+    };
+    let report = scenario::run(target, &plan).await.unwrap();
+    report.print();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    report
+}
+
+/// One 720p simulcast camera to 2, then 4 viewers: each viewer gets the full layer and the
+/// microphone (about 210 + 50 packets a second), 30 frames a second, nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn livestream_viewers_get_every_frame_of_the_top_layer() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let report = load(&app, Scenario::Livestream, vec![2, 4]).await;
+    for (step, viewers) in report.steps.iter().zip([2usize, 4]) {
+        assert_eq!(step.subscribers, viewers);
+        assert_eq!(step.connected, viewers);
+        let per_viewer = step.packets_per_second / viewers as f64;
+        assert!(
+            (230.0..330.0).contains(&per_viewer),
+            "{per_viewer} packets/s per viewer"
+        );
+        // 1.7 Mbit/s of video payload and the audio, plus headers.
+        let mbps = step.megabits_per_second / viewers as f64;
+        assert!((1.6..2.4).contains(&mbps), "{mbps} Mbit/s per viewer");
+        assert!(
+            (27.0..33.0).contains(&step.fps_per_subscriber),
+            "{} fps",
+            step.fps_per_subscriber
+        );
+        assert_eq!(step.loss_ratio, 0.0);
+        assert_eq!(step.joins_pending, 0);
+        assert!(
+            step.latency_ms_p50 > 0.0 && step.latency_ms_p50 < 50.0,
+            "{}",
+            step.latency_ms_p50
+        );
+    }
+    assert!(
+        report.join_ms_p50 > 0.0 && report.join_ms_p99 < 5_000.0,
+        "{}",
+        report.join_ms_p99
+    );
+    let json = serde_json::to_value(&report).unwrap();
+    for key in [
+        "packets_forwarded_per_cpu_second",
+        "loss_ratio",
+        "join_ms_p50",
+        "join_ms_p99",
+    ] {
+        assert!(json.get(key).is_some(), "{key} missing from {json}");
+    }
+    app.stop().await;
+}
+
+/// Three people meet: each receives the other two's camera and microphone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meeting_participants_receive_everyone_else() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let report = load(&app, Scenario::Meeting, vec![3]).await;
+    let step = &report.steps[0];
+    assert_eq!(
+        (step.publishers, step.subscribers, step.connected),
+        (3, 3, 3)
+    );
+    // Two cameras at 30 fps each.
+    assert!(
+        (54.0..66.0).contains(&step.fps_per_subscriber),
+        "{} fps",
+        step.fps_per_subscriber
+    );
+    // Each camera in the layer that fits the receiver's estimate (360p ≈ 60, 720p ≈ 210 packets
+    // a second), each microphone 50.
+    let per = step.packets_per_second / 3.0;
+    assert!(
+        (220.0..560.0).contains(&per),
+        "{per} packets/s per participant"
+    );
+    assert_eq!(step.loss_ratio, 0.0);
+    app.stop().await;
+}
+
+/// Ten speakers and five listeners: every listener hears all ten (50 packets a second each),
+/// every speaker the other nine; no video anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audio_room_listeners_hear_all_speakers() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let report = load(&app, Scenario::Audio, vec![5]).await;
+    let step = &report.steps[0];
+    assert_eq!(
+        (step.publishers, step.subscribers, step.connected),
+        (10, 15, 15)
+    );
+    let expected = 5.0 * 10.0 * 50.0 + 10.0 * 9.0 * 50.0;
+    let ratio = step.packets_per_second / expected;
+    assert!(
+        (0.9..1.1).contains(&ratio),
+        "{} packets/s, {expected} expected",
+        step.packets_per_second
+    );
+    assert_eq!(step.fps_per_subscriber, 0.0);
+    assert_eq!(step.loss_ratio, 0.0);
+    app.stop().await;
+}
