@@ -128,3 +128,60 @@ async fn audio_room_listeners_hear_all_speakers() {
     assert_eq!(step.loss_ratio, 0.0);
     app.stop().await;
 }
+
+/// The comparison end to end, small: dangjian and then Janus, each alone in a network namespace
+/// the test makes, the same three viewers of one camera. Both must deliver every frame; the
+/// report must name both servers' CPU per packet and their ratio. Needs root (network
+/// namespaces) and Janus (scripts/test installs it); `DJTEST_SKIP_NETNS=1` skips it on a
+/// machine without them, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn janus_and_dangjian_side_by_side_in_a_namespace() {
+    use loadtest::netns::{Netns, launch_dangjian, launch_janus};
+    if std::env::var_os("DJTEST_SKIP_NETNS").is_some() {
+        eprintln!("SKIPPED: DJTEST_SKIP_NETNS is set");
+        return;
+    }
+    let logs = tempfile::tempdir().unwrap();
+    let ns = Netns::create("djtest-cmp").expect("a network namespace (needs root and iproute2)");
+    let plan = |pid| Plan {
+        scenario: Scenario::Livestream,
+        steps: vec![3],
+        step_secs: 3,
+        settle_secs: 1,
+        join_concurrency: 4,
+        room: "cmp".into(),
+        client_ip: ns.host_ip,
+        server_pid: Some(pid),
+        verbose: false,
+    };
+    let ours = {
+        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_dangjian"));
+        let server = launch_dangjian(&ns, bin, &logs.path().join("dangjian.log")).unwrap();
+        let key = server.token_key_hex.clone().unwrap();
+        let target = Arc::new(Dangjian::new(&server.http.to_string(), &key).unwrap());
+        scenario::run(target, &plan(server.pid)).await.unwrap()
+    };
+    let janus = {
+        let server = launch_janus(&ns, &logs.path().join("janus.log"))
+            .expect("Janus (scripts/install-janus)");
+        let target = Arc::new(loadtest::janus::Janus::at(server.http).unwrap());
+        scenario::run(target, &plan(server.pid)).await.unwrap()
+    };
+    drop(ns);
+    let c = loadtest::compare::compare(ours, janus);
+    c.print();
+    for r in [&c.dangjian, &c.janus] {
+        assert!(r.problems.is_empty(), "{}: {:?}", r.server, r.problems);
+        let s = &r.steps[0];
+        assert_eq!(s.connected, 3, "{}", r.server);
+        assert!((27.0..33.0).contains(&s.fps_per_subscriber), "{}: {} fps", r.server, s.fps_per_subscriber);
+        assert_eq!(s.loss_ratio, 0.0, "{}", r.server);
+        assert!(s.server_cpu_seconds.is_some_and(|c| c > 0.0), "{}: server CPU read from /proc", r.server);
+    }
+    // Same load on both: the same packets reached the viewers (within a frame's worth).
+    let (d, j) = (c.steps[0].dangjian_packets_per_second, c.steps[0].janus_packets_per_second);
+    assert!((d - j).abs() / d < 0.1, "dangjian {d} vs janus {j} packets/s");
+    assert!(c.janus_cpu_ratio.is_some_and(|r| r > 0.0), "{:?}", c.janus_cpu_ratio);
+    let json = serde_json::to_value(&c).unwrap();
+    assert!(json["janus_cpu_ratio"].is_number(), "{json}");
+}

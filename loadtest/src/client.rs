@@ -65,6 +65,11 @@ pub struct SubCounters {
     /// From asking to join until the first whole frame (video) or first packet (audio only),
     /// µs; 0 until then.
     pub join_us: AtomicU64,
+    /// Where the join time went (µs after asking, 0 until then): the server's offer, the
+    /// connection up, the first media packet.
+    pub offer_us: AtomicU64,
+    pub connected_us: AtomicU64,
+    pub first_packet_us: AtomicU64,
     /// One-way delay samples (µs), taken by the reporter every second.
     pub latency_us: Mutex<Vec<u32>>,
     pub problem: Mutex<Option<String>>,
@@ -592,7 +597,16 @@ impl Subscriber {
         }
     }
 
+    /// Notes when a stage of joining was reached, the first time.
+    fn stage(&self, slot: &AtomicU64, now: Instant) {
+        if slot.load(Ordering::Relaxed) == 0 {
+            let us = now.saturating_duration_since(self.asked_at).as_micros() as u64;
+            slot.store(us.max(1), Ordering::Relaxed);
+        }
+    }
+
     fn on_offer(&mut self, sdp: String) -> anyhow::Result<()> {
+        self.stage(&self.stats.offer_us, Instant::now());
         for (pt, rate, name) in rtpmaps(&sdp) {
             match name.as_str() {
                 "rtx" => {
@@ -633,6 +647,7 @@ impl Subscriber {
     /// One datagram: counted from its clear header, then handed to the peer connection.
     fn intake(&mut self, now: Instant, from: std::net::SocketAddr, data: &[u8]) {
         if let Some((pt, seq, ts, ssrc)) = rtp_fields(data) {
+            self.stage(&self.stats.first_packet_us, now);
             let s = &self.stats;
             s.packets.fetch_add(1, Ordering::Relaxed);
             s.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -691,7 +706,8 @@ impl Subscriber {
             if let RTCPeerConnectionEvent::OnConnectionStateChangeEvent(s) = ev {
                 match s {
                     RTCPeerConnectionState::Connected => {
-                        self.stats.connected.store(true, Ordering::Relaxed)
+                        self.stats.connected.store(true, Ordering::Relaxed);
+                        self.stage(&self.stats.connected_us, now);
                     }
                     RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed => {
                         self.stats.connected.store(false, Ordering::Relaxed);

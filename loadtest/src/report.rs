@@ -98,6 +98,10 @@ pub struct StepResult {
     /// Join time of the subscribers added in this step (asked → first whole frame).
     pub join_ms_p50: f64,
     pub join_ms_p99: f64,
+    /// Medians of where that went: the server's offer, the connection up, the first packet.
+    pub offer_ms_p50: f64,
+    pub connected_ms_p50: f64,
+    pub first_packet_ms_p50: f64,
     pub joins_pending: usize,
     /// The server's CPU seconds in the window, and as a share of one core.
     pub server_cpu_seconds: Option<f64>,

@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -205,10 +205,19 @@ pub async fn run(target: Arc<dyn Target>, plan: &Plan) -> anyhow::Result<Report>
 }
 
 fn joins(subs: &[Arc<SubCounters>]) -> Vec<u64> {
+    stage(subs, |s| &s.join_us)
+}
+
+/// The subscribers' times (µs) to one stage of joining, of those that reached it.
+fn stage(subs: &[Arc<SubCounters>], which: impl Fn(&SubCounters) -> &AtomicU64) -> Vec<u64> {
     subs.iter()
-        .map(|s| s.join_us.load(Ordering::Relaxed))
+        .map(|s| which(s).load(Ordering::Relaxed))
         .filter(|j| *j > 0)
         .collect()
+}
+
+fn median_ms(mut v: Vec<u64>) -> f64 {
+    report::percentile(&mut v, 50.0) as f64 / 1000.0
 }
 
 fn client_problems(crowd: &Crowd) -> Vec<String> {
@@ -373,6 +382,9 @@ async fn measure_step(plan: &Plan, crowd: &Crowd, first_new: usize) -> StepResul
         latency_ms_p99: report::percentile(&mut lat, 99.0) as f64 / 1000.0,
         join_ms_p50: report::percentile(&mut join, 50.0) as f64 / 1000.0,
         join_ms_p99: report::percentile(&mut join, 99.0) as f64 / 1000.0,
+        offer_ms_p50: median_ms(stage(new, |s| &s.offer_us)),
+        connected_ms_p50: median_ms(stage(new, |s| &s.connected_us)),
+        first_packet_ms_p50: median_ms(stage(new, |s| &s.first_packet_us)),
         joins_pending: new.len() - joins(new).len(),
         server_cpu_seconds: server_cpu,
         server_cpu_percent: server_cpu.map(|c| c / secs * 100.0),

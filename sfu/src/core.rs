@@ -5,7 +5,7 @@
 //! events for signaling ([`Sfu::poll_event`]) and the next deadline ([`Sfu::poll_timeout`]).
 //! Each router auto-subscribes its subscriber peers to every producer of other participants.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -36,8 +36,11 @@ use crate::RouterId;
 use crate::engine;
 use crate::forwarder::{self, Forwarder, Layer, LayerState, Verdict};
 
-/// Keyframe requests to one publisher are sent at most this often.
-pub const PLI_INTERVAL: Duration = Duration::from_millis(500);
+/// Keyframe requests for one layer are sent at most this often; one asked for sooner is sent
+/// when the interval ends (a viewer who connects just after a keyframe waits at most this long,
+/// not until the encoder's next periodic one). Shorter means faster joins but more keyframes
+/// (big, so a quality dip for everyone) while many viewers join at once.
+pub const PLI_INTERVAL: Duration = Duration::from_millis(200);
 /// How often layer bitrates are measured and layers reassigned.
 pub const TICK: Duration = Duration::from_millis(500);
 /// A layer with no packet for this long is treated as off (paused or dropped by the publisher).
@@ -194,6 +197,10 @@ struct Peer {
     remb_bps: Option<u64>,
     /// Our send-side estimate from its transport-wide feedback (TWCC).
     twcc: engine::EstimateHandle,
+    /// The engine's next deadline as last read, and whether it must be read again (anything
+    /// but forwarding touched the connection).
+    timer: Option<Instant>,
+    dirty: bool,
 }
 
 /// One simulcast layer (or the only stream) of a producer.
@@ -203,6 +210,8 @@ struct ProducerLayer {
     bitrate_bps: u64,
     last_packet: Option<Instant>,
     last_pli: Option<Instant>,
+    /// A keyframe was asked for inside the throttle interval: send it when the interval ends.
+    pli_pending: bool,
     /// We asked the publisher to stop sending this layer.
     paused: bool,
 }
@@ -270,6 +279,7 @@ impl ProducerLayer {
             bitrate_bps: 0,
             last_packet: None,
             last_pli: None,
+            pli_pending: false,
             paused: false,
         }
     }
@@ -308,6 +318,13 @@ pub struct Sfu {
     next_tick: Option<Instant>,
     speakers: HashMap<RouterId, Vec<String>>,
     rx: BytesMut,
+    /// Every connection's next engine deadline, soonest first: reading them all on every turn
+    /// would cost O(peers) per datagram.
+    timers: BTreeSet<(Instant, PeerId)>,
+    /// Connections whose deadline must be read again before the next wait.
+    dirty: Vec<PeerId>,
+    /// When the earliest deferred keyframe request is due.
+    next_pli: Option<Instant>,
 }
 
 /// Size of the receive arena that incoming datagrams are copied into.
@@ -334,6 +351,9 @@ impl Sfu {
             next_tick: None,
             speakers: HashMap::new(),
             rx: BytesMut::with_capacity(RX_ARENA),
+            timers: BTreeSet::new(),
+            dirty: Vec::new(),
+            next_pli: None,
         })
     }
 
@@ -377,6 +397,7 @@ impl Sfu {
             self.advertised,
             self.advertised_tcp,
             &self.cert,
+            direction == Direction::Publish,
         )?;
         self.by_ufrag.insert(ufrag.clone(), id);
         self.peers.insert(
@@ -395,8 +416,11 @@ impl Sfu {
                 connected: false,
                 remb_bps: None,
                 twcc,
+                timer: None,
+                dirty: false,
             },
         );
+        self.mark(id);
         self.routers.entry(router.clone()).or_default().push(id);
         if direction == Direction::Subscribe {
             let existing: Vec<ProducerId> = self
@@ -467,6 +491,9 @@ impl Sfu {
         let Some(mut p) = self.peers.remove(&peer) else {
             return;
         };
+        if let Some(t) = p.timer {
+            self.timers.remove(&(t, peer));
+        }
         self.by_ufrag.remove(&p.ufrag);
         self.by_addr.retain(|_, id| *id != peer);
         if let Some(list) = self.routers.get_mut(&p.router) {
@@ -530,12 +557,16 @@ impl Sfu {
         let Some(l) = pr.layers.get_mut(layer as usize).and_then(Option::as_mut) else {
             return;
         };
-        if l.last_pli
-            .is_some_and(|t| now.saturating_duration_since(t) < PLI_INTERVAL)
+        if let Some(last) = l.last_pli
+            && now.saturating_duration_since(last) < PLI_INTERVAL
         {
+            l.pli_pending = true;
+            let due = last + PLI_INTERVAL;
+            self.next_pli = Some(self.next_pli.map_or(due, |n| n.min(due)));
             return;
         }
         l.last_pli = Some(now);
+        l.pli_pending = false;
         let (peer, receiver, ssrc) = (pr.peer, pr.receiver, l.ssrc);
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
@@ -576,6 +607,7 @@ impl Sfu {
             .filter(|c| c.forwarder.is_some())
             .count()
             .max(1) as u64;
+        let connected = p.connected;
         // REMB is the receiver's own word; otherwise our TWCC estimate. Shared by its videos.
         let budget = p.remb_bps.or_else(|| p.twcc.bps()).map(|e| e / videos);
         let mut wanted = Vec::new();
@@ -593,6 +625,11 @@ impl Sfu {
             {
                 wanted.push((*producer, t));
             }
+        }
+        // A keyframe for a subscriber that cannot receive yet is wasted, and it would hold back
+        // the one it needs once connected (requests are throttled): that one is asked for then.
+        if !connected {
+            return;
         }
         for (producer, layer) in wanted {
             self.request_keyframe(now, producer, layer);
@@ -639,6 +676,12 @@ impl Sfu {
 
     /// Measures layer bitrates and reassigns layers, every [`TICK`].
     fn tick(&mut self, now: Instant) {
+        // Forwarding does not re-read deadlines; should a write ever bring one closer, it is
+        // read here at the latest.
+        let all: Vec<PeerId> = self.peers.keys().copied().collect();
+        for id in all {
+            self.mark(id);
+        }
         let secs = TICK.as_secs_f64();
         for pr in self.producers.values_mut() {
             for l in pr.layers.iter_mut().flatten() {
@@ -871,19 +914,27 @@ impl Sfu {
     }
 
     pub fn poll_timeout(&mut self) -> Option<Instant> {
+        for id in std::mem::take(&mut self.dirty) {
+            self.rearm(id);
+        }
         let tick = if self.producers.is_empty() {
             None
         } else {
             self.next_tick
         };
-        self.peers
-            .values_mut()
-            .filter_map(|p| p.pc.poll_timeout())
+        self.timers
+            .first()
+            .map(|(t, _)| *t)
+            .into_iter()
             .chain(tick)
+            .chain(self.next_pli)
             .min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        for id in std::mem::take(&mut self.dirty) {
+            self.rearm(id);
+        }
         if self.producers.is_empty() {
             self.next_tick = None;
         } else if self.next_tick.is_none_or(|t| t <= now) {
@@ -892,21 +943,67 @@ impl Sfu {
             }
             self.next_tick = Some(now + TICK);
         }
-        let due: Vec<PeerId> = self
-            .peers
-            .iter_mut()
-            .filter_map(|(id, p)| {
-                p.pc.poll_timeout()
-                    .is_some_and(|t| t <= now)
-                    .then_some((id, p))
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        for id in due {
+        if self.next_pli.is_some_and(|t| t <= now) {
+            self.send_deferred_plis(now);
+        }
+        while let Some(&(t, id)) = self.timers.first() {
+            if t > now {
+                break;
+            }
+            self.timers.pop_first();
             if let Some(p) = self.peers.get_mut(&id) {
+                p.timer = None;
                 let _ = p.pc.handle_timeout(now);
             }
             self.drain(now, id);
+        }
+    }
+
+    /// The connection's deadline must be read again: it was touched other than by forwarding.
+    fn mark(&mut self, peer: PeerId) {
+        if let Some(p) = self.peers.get_mut(&peer)
+            && !p.dirty
+        {
+            p.dirty = true;
+            self.dirty.push(peer);
+        }
+    }
+
+    /// Reads one connection's deadline into the timer set.
+    fn rearm(&mut self, id: PeerId) {
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        p.dirty = false;
+        let t = p.pc.poll_timeout();
+        if t != p.timer {
+            if let Some(old) = p.timer {
+                self.timers.remove(&(old, id));
+            }
+            if let Some(t) = t {
+                self.timers.insert((t, id));
+            }
+            p.timer = t;
+        }
+    }
+
+    /// Sends the keyframe requests deferred by the throttle whose interval has ended.
+    fn send_deferred_plis(&mut self, now: Instant) {
+        self.next_pli = None;
+        let pending: Vec<(ProducerId, Layer)> = self
+            .producers
+            .iter()
+            .flat_map(|(id, pr)| {
+                pr.layers.iter().enumerate().filter_map(move |(i, l)| {
+                    l.as_ref()
+                        .filter(|l| l.pli_pending)
+                        .map(|_| (*id, i as Layer))
+                })
+            })
+            .collect();
+        for (producer, layer) in pending {
+            // Sends it, or defers it again (and sets `next_pli`) if it is not due yet.
+            self.request_keyframe(now, producer, layer);
         }
     }
 
@@ -928,7 +1025,15 @@ impl Sfu {
         self.events.pop_front()
     }
 
+    /// Queues what a connection has to send; its deadline is read again before the next wait.
     fn drain_writes(&mut self, peer: PeerId) {
+        self.flush(peer);
+        self.mark(peer);
+    }
+
+    /// Queues what a connection has to send, leaving its deadline as it was: the forwarding
+    /// path (writing media does not bring an engine deadline closer).
+    fn flush(&mut self, peer: PeerId) {
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
@@ -1222,7 +1327,7 @@ impl Sfu {
             } else {
                 self.stats.forward_errors += 1;
             }
-            self.drain_writes(sub);
+            self.flush(sub);
         }
     }
 }

@@ -11,12 +11,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use rtc::interceptor::{
     Attribute, BandwidthEstimator, CongestionControlBuilder, EstimatorStats, Gcc, Interceptor,
-    Packet, PacketReport, Slot, StreamInfo, TaggedPacket,
+    NackResponderBuilder, Packet, PacketReport, SenderReportBuilder, Slot, StreamInfo,
+    TaggedPacket,
 };
 use rtc::peer_connection::certificate::{CertificateParams, RTCCertificate};
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::peer_connection::configuration::interceptor_registry::{
-    Registry, configure_twcc_sender_only, register_default_interceptors,
+    Registry, configure_simulcast_extension_headers, configure_twcc_sender_only,
+    register_default_interceptors,
 };
 use rtc::peer_connection::configuration::media_engine::{
     MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_RTX, MIME_TYPE_VP8, MediaEngine,
@@ -203,7 +205,8 @@ pub fn certificate() -> Result<RTCCertificate, String> {
 }
 
 /// A server-side connection: ICE-lite with our own credentials (the ufrag routes STUN to it) and
-/// the shared socket's address as its only candidate.
+/// the shared socket's address as its only candidate. `receives_media`: a publisher's
+/// connection (media in) rather than a subscriber's (media out).
 pub fn server_peer_connection(
     now: Instant,
     ufrag: &str,
@@ -211,10 +214,15 @@ pub fn server_peer_connection(
     advertised: SocketAddr,
     advertised_tcp: Option<SocketAddr>,
     cert: &RTCCertificate,
+    receives_media: bool,
 ) -> Result<(RTCPeerConnection, EstimateHandle), EngineError> {
     let mut me = media_engine()?;
     let registry = Registry::new().with(Slot::from(14_000), DeliverRtcpFeedback::default());
-    let registry = register_default_interceptors(registry, &mut me)?;
+    let registry = if receives_media {
+        register_default_interceptors(registry, &mut me)?
+    } else {
+        send_side_interceptors(registry, &mut me)?
+    };
     // Send-side bandwidth estimation from the browser's transport-wide feedback (TWCC), without
     // the engine's pacer: it would hold every packet to the estimate, and simulcast layer
     // switching is how this server adapts.
@@ -231,6 +239,9 @@ pub fn server_peer_connection(
     let settings = SettingEngineBuilder::new()
         .with_lite(true)
         .with_ice_credentials(ufrag.into(), pwd.into())
+        // The agent notices the client's nomination (and DTLS starts) on its next check tick:
+        // at the default 200 ms that was most of a viewer's join time.
+        .with_ice_connection_attempts(Some(ICE_CHECK_INTERVAL), None)
         .build();
     let mut pc = RTCPeerConnectionBuilder::new()
         .with_configuration(
@@ -249,6 +260,32 @@ pub fn server_peer_connection(
     }
     Ok((pc, estimate))
 }
+
+/// What [`register_default_interceptors`] offers in SDP (NACK, PLI, simulcast extensions;
+/// transport-cc comes with the TWCC sender), but only the interceptors that act on media we
+/// send: every forwarded packet walks the whole chain, and the receive-side ones (NACK
+/// generator, TWCC receiver, receiver reports) have nothing to do on a subscriber's connection.
+fn send_side_interceptors(
+    registry: Registry,
+    me: &mut MediaEngine,
+) -> Result<Registry, EngineError> {
+    for parameter in ["", "pli"] {
+        me.register_feedback(
+            RTCPFeedback {
+                typ: "nack".into(),
+                parameter: parameter.into(),
+            },
+            RtpCodecKind::Video,
+        );
+    }
+    configure_simulcast_extension_headers(me)?;
+    Ok(registry
+        .with(Slot::NackResponder, NackResponderBuilder::new().build())
+        .with(Slot::SenderReport, SenderReportBuilder::new().build()))
+}
+
+/// How often a connecting server connection's ICE agent looks at its checks.
+const ICE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Where the estimate starts. High enough for a full-size layer: the estimator lowers it only on
 /// loss, and starting low would move every new viewer down a layer and back up again.

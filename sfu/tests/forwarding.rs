@@ -721,18 +721,34 @@ fn subscriber_pli_reaches_publisher_throttled() {
         "the first PLI is relayed at once"
     );
 
-    net.run_until("600 ms after the first PLI", Duration::from_secs(1), |n| {
-        n.now >= t0 + Duration::from_millis(600)
+    net.run_until("the end of the interval", Duration::from_secs(1), |n| {
+        n.now >= t0 + PLI_INTERVAL + Duration::from_millis(50)
     });
+    let plis = net.clients[alice].plis.clone();
+    assert_eq!(
+        plis.len(),
+        2,
+        "the request made inside the interval is sent once, when it ends: {plis:?}"
+    );
+    assert!(
+        plis[1].0 - t0 >= PLI_INTERVAL && plis[1].0 - t0 < PLI_INTERVAL + Duration::from_millis(30),
+        "deferred to the end of the interval: {:?}",
+        plis[1].0 - t0
+    );
+
+    net.run_until("well after the interval", Duration::from_secs(1), |n| {
+        n.now >= t0 + PLI_INTERVAL * 3
+    });
+    assert_eq!(net.clients[alice].plis.len(), 2, "nothing more was asked");
     pli(&mut net);
     net.run_for(Duration::from_millis(50));
     let plis = &net.clients[alice].plis;
     assert_eq!(
         plis.len(),
-        2,
+        3,
         "a PLI after the interval is relayed again: {plis:?}"
     );
-    assert_eq!(plis[1].1, PUB_VIDEO_SSRC);
+    assert_eq!(plis[2].1, PUB_VIDEO_SSRC);
 }
 
 #[test]
