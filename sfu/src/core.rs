@@ -40,7 +40,7 @@ use crate::forwarder::{self, Forwarder, Layer, LayerState, Verdict};
 /// when the interval ends (a viewer who connects just after a keyframe waits at most this long,
 /// not until the encoder's next periodic one). Shorter means faster joins but more keyframes
 /// (big, so a quality dip for everyone) while many viewers join at once.
-pub const PLI_INTERVAL: Duration = Duration::from_millis(200);
+pub const PLI_INTERVAL: Duration = Duration::from_millis(100);
 /// How often layer bitrates are measured and layers reassigned.
 pub const TICK: Duration = Duration::from_millis(500);
 /// A layer with no packet for this long is treated as off (paused or dropped by the publisher).
@@ -1268,6 +1268,13 @@ impl Sfu {
         // (the subscriber's decoder asks for a keyframe itself if it needs one).
         let keyframe = pr.layers.len() == 1
             || (pr.kind == MediaKind::Video && pr.is_keyframe_start(&pkt.payload));
+        if keyframe
+            && pr.kind == MediaKind::Video
+            && let Some(l) = pr.layers[layer as usize].as_mut()
+        {
+            // Whoever asked since the last request gets this one: nothing more to ask.
+            l.pli_pending = false;
+        }
         for i in 0..pr.consumers.len() {
             let Some(pr) = self.producers.get(&producer) else {
                 return;
