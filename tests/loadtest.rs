@@ -174,14 +174,33 @@ async fn janus_and_dangjian_side_by_side_in_a_namespace() {
         assert!(r.problems.is_empty(), "{}: {:?}", r.server, r.problems);
         let s = &r.steps[0];
         assert_eq!(s.connected, 3, "{}", r.server);
-        assert!((27.0..33.0).contains(&s.fps_per_subscriber), "{}: {} fps", r.server, s.fps_per_subscriber);
+        assert!(
+            (27.0..33.0).contains(&s.fps_per_subscriber),
+            "{}: {} fps",
+            r.server,
+            s.fps_per_subscriber
+        );
         assert_eq!(s.loss_ratio, 0.0, "{}", r.server);
-        assert!(s.server_cpu_seconds.is_some_and(|c| c > 0.0), "{}: server CPU read from /proc", r.server);
+        assert!(
+            s.server_cpu_seconds.is_some_and(|c| c > 0.0),
+            "{}: server CPU read from /proc",
+            r.server
+        );
     }
     // Same load on both: the same packets reached the viewers (within a frame's worth).
-    let (d, j) = (c.steps[0].dangjian_packets_per_second, c.steps[0].janus_packets_per_second);
-    assert!((d - j).abs() / d < 0.1, "dangjian {d} vs janus {j} packets/s");
-    assert!(c.janus_cpu_ratio.is_some_and(|r| r > 0.0), "{:?}", c.janus_cpu_ratio);
+    let (d, j) = (
+        c.steps[0].dangjian_packets_per_second,
+        c.steps[0].janus_packets_per_second,
+    );
+    assert!(
+        (d - j).abs() / d < 0.1,
+        "dangjian {d} vs janus {j} packets/s"
+    );
+    assert!(
+        c.janus_cpu_ratio.is_some_and(|r| r > 0.0),
+        "{:?}",
+        c.janus_cpu_ratio
+    );
     let json = serde_json::to_value(&c).unwrap();
     assert!(json["janus_cpu_ratio"].is_number(), "{json}");
 }
