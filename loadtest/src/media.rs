@@ -46,6 +46,16 @@ pub fn simulcast_720p() -> Vec<LayerSpec> {
         .collect()
 }
 
+/// A meeting tile's camera: one 360p encoding (≈ 500 kb/s), no simulcast, so that every server
+/// forwards the same stream and a comparison is at equal load.
+pub fn single_360p() -> Vec<LayerSpec> {
+    vec![LayerSpec {
+        rid: "",
+        frame_bytes: 2_100,
+        key_bytes: 8_400,
+    }]
+}
+
 /// Microseconds since the process's media clock started: publishers and subscribers live in
 /// one process, so a packet's one-way latency is the difference of two readings.
 pub fn clock_us(now: Instant) -> u64 {

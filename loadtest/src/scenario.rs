@@ -11,7 +11,7 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::client::{PubCounters, PublisherSpec, SubCounters, spawn_publisher, spawn_subscriber};
 use crate::cpu;
-use crate::media::simulcast_720p;
+use crate::media::{simulcast_720p, single_360p};
 use crate::report::{self, Report, StepResult, Totals};
 use crate::target::{JoinSpec, Participant, Target};
 
@@ -20,8 +20,8 @@ pub enum Scenario {
     /// One publisher (720p camera in three simulcast layers, and a microphone) and S
     /// subscribers; steps are subscriber counts.
     Livestream,
-    /// N participants, each publishing camera and microphone and receiving everyone else;
-    /// steps are participant counts (a fresh room each).
+    /// N participants, each publishing a camera (one 360p layer, a meeting tile) and a
+    /// microphone and receiving everyone else; steps are participant counts (a fresh room each).
     Meeting,
     /// Ten speakers (microphone only, hearing each other) and S listeners; steps are listener
     /// counts.
@@ -90,6 +90,8 @@ impl Crowd {
 #[derive(Clone, Copy)]
 struct Role {
     video: bool,
+    /// The 720p camera in three layers; otherwise one 360p layer.
+    simulcast: bool,
     audio: bool,
     subscribe: bool,
     expect_publishers: usize,
@@ -112,6 +114,7 @@ pub async fn run(target: Arc<dyn Target>, plan: &Plan) -> anyhow::Result<Report>
                     1,
                     Role {
                         video: true,
+                        simulcast: true,
                         audio: true,
                         subscribe: false,
                         expect_publishers: 0,
@@ -122,6 +125,7 @@ pub async fn run(target: Arc<dyn Target>, plan: &Plan) -> anyhow::Result<Report>
                     SPEAKERS,
                     Role {
                         video: false,
+                        simulcast: false,
                         audio: true,
                         subscribe: true,
                         expect_publishers: SPEAKERS - 1,
@@ -130,6 +134,7 @@ pub async fn run(target: Arc<dyn Target>, plan: &Plan) -> anyhow::Result<Report>
             };
             let listener = Role {
                 video: false,
+                simulcast: false,
                 audio: false,
                 subscribe: true,
                 expect_publishers: speakers,
@@ -159,8 +164,11 @@ pub async fn run(target: Arc<dyn Target>, plan: &Plan) -> anyhow::Result<Report>
                 let room = format!("{}-{n}", plan.room);
                 target.prepare(&room, n).await?;
                 let mut crowd = Crowd::new();
+                // One layer: servers choose layers differently (dangjian by each viewer's estimate,
+                // Janus the one asked for), and the comparison must be at equal load.
                 let role = Role {
                     video: true,
+                    simulcast: false,
                     audio: true,
                     subscribe: true,
                     expect_publishers: n.saturating_sub(1),
@@ -275,10 +283,10 @@ async fn add(
             let mut publisher = None;
             if let Some(link) = p.publish.take() {
                 let spec = PublisherSpec {
-                    layers: if role.video {
-                        simulcast_720p()
-                    } else {
-                        Vec::new()
+                    layers: match (role.video, role.simulcast) {
+                        (false, _) => Vec::new(),
+                        (true, true) => simulcast_720p(),
+                        (true, false) => single_360p(),
                     },
                     audio: role.audio,
                 };

@@ -1266,12 +1266,9 @@ impl Sfu {
         }
         // With one layer there is nothing to switch between: any packet may start the stream
         // (the subscriber's decoder asks for a keyframe itself if it needs one).
-        let keyframe = pr.layers.len() == 1
-            || (pr.kind == MediaKind::Video && pr.is_keyframe_start(&pkt.payload));
-        if keyframe
-            && pr.kind == MediaKind::Video
-            && let Some(l) = pr.layers[layer as usize].as_mut()
-        {
+        let real_keyframe = pr.kind == MediaKind::Video && pr.is_keyframe_start(&pkt.payload);
+        let keyframe = pr.layers.len() == 1 || real_keyframe;
+        if real_keyframe && let Some(l) = pr.layers[layer as usize].as_mut() {
             // Whoever asked since the last request gets this one: nothing more to ask.
             l.pli_pending = false;
         }

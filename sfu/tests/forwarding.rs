@@ -721,6 +721,8 @@ fn subscriber_pli_reaches_publisher_throttled() {
         "the first PLI is relayed at once"
     );
 
+    // Video that is not a keyframe does not answer the deferred request.
+    net.send(alice, MediaKind::Video, "delta");
     net.run_until("the end of the interval", Duration::from_secs(1), |n| {
         n.now >= t0 + PLI_INTERVAL + Duration::from_millis(50)
     });
