@@ -7,53 +7,20 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::api::{call, new_org};
 use common::{Backend, TestApp};
-use portal::db::Db;
+
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-
-async fn call(
-    c: &reqwest::Client,
-    app: &TestApp,
-    method: Method,
-    path: &str,
-    body: Option<Value>,
-) -> (StatusCode, Value) {
-    let mut req = c.request(method, app.url(path));
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let r = req.send().await.unwrap();
-    let status = r.status();
-    let text = r.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-}
 
 async fn page(c: &reqwest::Client, app: &TestApp, path: &str) -> (StatusCode, String) {
     let r = c.get(app.url(path)).send().await.unwrap();
     (r.status(), r.text().await.unwrap())
 }
 
-async fn db(app: &TestApp) -> Db {
-    Db::connect_only(&app.database_url()).await.unwrap()
-}
-
 /// A valid ID number from its first 17 digits.
 fn id_number(first17: &str) -> String {
     format!("{first17}{}", portal::idcard::check_char(first17).unwrap())
-}
-
-async fn new_org(app: &TestApp, parent: Option<&str>, name: &str, kind: &str) -> String {
-    let (status, v) = call(
-        &app.client,
-        app,
-        Method::POST,
-        "/api/v1/orgs",
-        Some(json!({"parent_id": parent, "name": name, "kind": kind})),
-    )
-    .await;
-    assert_eq!(status, 201, "create {name}: {v}");
-    v["id"].as_str().unwrap().to_string()
 }
 
 /// A client signed in as a new user of `role` in `org` (the app's client must be an admin).
@@ -268,7 +235,7 @@ async fn records_are_validated_and_kept(backend: Backend) {
     assert_eq!(v["full_member_on"], Value::Null);
 
     // The audit trail names views and changed fields.
-    let db = db(&app).await;
+    let db = app.db().await;
     let rows: Vec<(String, String)> =
         sqlx::query_as("SELECT action, detail FROM audit_log WHERE target = $1 ORDER BY at, id")
             .bind(&id)
@@ -481,7 +448,7 @@ async fn a_secretary_keeps_only_their_branch(backend: Backend) {
     assert_eq!(status, 404);
 
     // Each read is in the audit log, with who read it.
-    let db = db(&app).await;
+    let db = app.db().await;
     let (n,): (i64,) = sqlx::query_as(
         "SELECT COUNT(*) FROM audit_log l JOIN users u ON u.id = l.actor_id \
          WHERE l.action = 'view_member' AND l.target = $1 AND u.username = 'reader'",
@@ -586,7 +553,7 @@ async fn honours_are_kept_in_order(backend: Backend) {
         html.find("优秀共产党员").unwrap(),
     );
     assert!(a < b, "oldest first on the page too");
-    let db = db(&app).await;
+    let db = app.db().await;
     let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM audit_log WHERE action = 'add_honour'")
         .fetch_one(&db.pool)
         .await
@@ -707,7 +674,7 @@ async fn list_of_100k_members(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     app.sign_in_admin().await;
     let root = new_org(&app, None, "市委", "committee").await;
-    let db = db(&app).await;
+    let db = app.db().await;
     let (root_path,): (String,) = sqlx::query_as("SELECT path FROM orgs WHERE id = $1")
         .bind(&root)
         .fetch_one(&db.pool)

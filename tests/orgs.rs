@@ -4,68 +4,10 @@
 
 mod common;
 
+use common::api::{call, keeper, new_org_as as new_org};
 use common::{Backend, TestApp};
-use reqwest::{Method, StatusCode};
+use reqwest::Method;
 use serde_json::{Value, json};
-
-async fn call(
-    c: &reqwest::Client,
-    app: &TestApp,
-    method: Method,
-    path: &str,
-    body: Option<Value>,
-) -> (StatusCode, Value) {
-    let mut req = c.request(method, app.url(path));
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let r = req.send().await.unwrap();
-    let status = r.status();
-    let text = r.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-}
-
-async fn new_org(
-    c: &reqwest::Client,
-    app: &TestApp,
-    parent: Option<&str>,
-    name: &str,
-    kind: &str,
-) -> String {
-    let (status, v) = call(
-        c,
-        app,
-        Method::POST,
-        "/api/v1/orgs",
-        Some(json!({"parent_id": parent, "name": name, "kind": kind})),
-    )
-    .await;
-    assert_eq!(status, 201, "create {name}: {v}");
-    v["id"].as_str().unwrap().to_string()
-}
-
-/// An admin client for a new user of `role` keeping `org`.
-async fn keeper(app: &TestApp, username: &str, role: &str, org: &str) -> reqwest::Client {
-    let (status, v) = call(
-        &app.client,
-        app,
-        Method::POST,
-        "/api/v1/users",
-        Some(json!({"username": username, "display_name": username, "password": "initial-pass-1", "role": role, "org_id": org})),
-    )
-    .await;
-    assert_eq!(status, 201, "{v}");
-    assert_eq!(v["org_id"], org);
-    let c = common::client();
-    let r = c
-        .post(app.url("/api/v1/session"))
-        .json(&json!({"username": username, "password": "initial-pass-1"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    c
-}
 
 fn names(list: &Value) -> Vec<String> {
     list.as_array()

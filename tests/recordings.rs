@@ -9,6 +9,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::api::{keeper, new_org};
 use common::{Backend, PgDatabase, TestApp};
 use dangjian::config::{Layer, Secret};
 use object_store::path::Path as ObjectPath;
@@ -66,10 +67,6 @@ async fn user_id(c: &reqwest::Client, app: &TestApp) -> String {
     let (status, me) = get(c, app, "/api/v1/me").await;
     assert_eq!(status, 200);
     me["id"].as_str().unwrap().to_string()
-}
-
-async fn db(app: &TestApp) -> Db {
-    Db::connect_only(&app.database_url()).await.unwrap()
 }
 
 fn store(app: &TestApp) -> Storage {
@@ -295,7 +292,7 @@ async fn only_the_creator_admins_and_everyone_once_published_may_watch(backend: 
     let other_lecturer = app.user_client("l2", "lecturer").await;
     let org_admin = app.user_client("o1", "org_admin").await;
     let anonymous = common::client();
-    let db = db(&app).await;
+    let db = app.db().await;
     let id = ready("支部党课", &user_id(&lecturer, &app).await)
         .insert(&db)
         .await;
@@ -398,7 +395,7 @@ async fn comments_are_checked_and_shown(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     app.sign_in_admin().await;
     let member = app.user_client("m1", "member").await;
-    let db = db(&app).await;
+    let db = app.db().await;
     let mut seed = ready("专题党课", "someone");
     seed.published = true;
     let id = seed.insert(&db).await;
@@ -477,7 +474,7 @@ async fn the_library_filters_by_room_status_title_and_date(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     app.sign_in_admin().await;
     let member = app.user_client("m1", "member").await;
-    let db = db(&app).await;
+    let db = app.db().await;
     let day = 86_400_000;
     // 2026-06-01 00:00 Beijing time, then one recording a day.
     let t0 = 1_780_243_200_000;
@@ -586,7 +583,7 @@ async fn deleting_removes_the_recording_and_its_media(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     app.sign_in_admin().await;
     let lecturer = app.user_client("l1", "lecturer").await;
-    let db = db(&app).await;
+    let db = app.db().await;
     let creator = user_id(&lecturer, &app).await;
     let mut seed = ready("待删除", &creator);
     seed.published = true;
@@ -646,7 +643,7 @@ async fn deleting_removes_the_recording_and_its_media(backend: Backend) {
 async fn the_replay_is_streamed_with_ranges(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     app.sign_in_admin().await;
-    let db = db(&app).await;
+    let db = app.db().await;
     let id = ready("可拖动的录像", "someone").insert(&db).await;
     put_replay(&app, &id).await;
     let media = app.url(&format!("/api/v1/recordings/{id}/media"));
@@ -703,7 +700,7 @@ async fn the_per_track_originals_are_listed_and_streamed(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     app.sign_in_admin().await;
     let member = app.user_client("m1", "member").await;
-    let db = db(&app).await;
+    let db = app.db().await;
     let id = ready("分轨录像", "someone").insert(&db).await;
     put_replay(&app, &id).await;
     let key = format!("recordings/{id}/originals/TR_cam.webm");
@@ -777,7 +774,7 @@ async fn the_per_track_originals_are_listed_and_streamed(backend: Backend) {
 async fn the_replay_page_counts_views_and_jumps_to_marks(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     app.sign_in_admin().await;
-    let db = db(&app).await;
+    let db = app.db().await;
     let id = ready("七一党课", "someone").insert(&db).await;
     let api = format!("/api/v1/recordings/{id}");
     for (at_ms, kind, label) in [
@@ -922,51 +919,16 @@ async fn configured_retention_sets_the_expiry_of_new_recordings(backend: Backend
     app.stop().await;
 }
 
-/// A new org under `parent`, through the API (the client must keep the parent).
-async fn org(app: &TestApp, parent: Option<&str>, name: &str, kind: &str) -> String {
-    let (status, v) = call(
-        &app.client,
-        app,
-        Method::POST,
-        "/api/v1/orgs",
-        Some(json!({"parent_id": parent, "name": name, "kind": kind})),
-    )
-    .await;
-    assert_eq!(status, 201, "{v}");
-    v["id"].as_str().unwrap().to_string()
-}
-
-/// A signed-in client for a new user of `role` in `org`.
-async fn org_user(app: &TestApp, username: &str, role: &str, org: &str) -> reqwest::Client {
-    let (status, v) = call(
-        &app.client,
-        app,
-        Method::POST,
-        "/api/v1/users",
-        Some(json!({"username": username, "display_name": username, "password": "initial-pass-1", "role": role, "org_id": org})),
-    )
-    .await;
-    assert_eq!(status, 201, "{v}");
-    let c = common::client();
-    let r = send(
-        c.post(app.url("/api/v1/session"))
-            .json(&json!({"username": username, "password": "initial-pass-1"})),
-    )
-    .await;
-    assert_eq!(r.status(), 200);
-    c
-}
-
 /// A recording belongs to its starter's org: that org's members (and its groups') and the orgs
 /// above it may watch; another branch may not, on the page, the API or the media URL.
 async fn the_owning_org_and_its_superiors_may_watch_other_branches_may_not(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     app.sign_in_admin().await;
-    let committee = org(&app, None, "街道党工委", "committee").await;
-    let a = org(&app, Some(&committee), "第一支部", "branch").await;
-    let b = org(&app, Some(&committee), "第二支部", "branch").await;
-    let group = org(&app, Some(&a), "第一支部第一小组", "group").await;
-    let secretary_a = org_user(&app, "sec-a", "secretary", &a).await;
+    let committee = new_org(&app, None, "街道党工委", "committee").await;
+    let a = new_org(&app, Some(&committee), "第一支部", "branch").await;
+    let b = new_org(&app, Some(&committee), "第二支部", "branch").await;
+    let group = new_org(&app, Some(&a), "第一支部第一小组", "group").await;
+    let secretary_a = keeper(&app, "sec-a", "secretary", &a).await;
     let (status, created) = call(
         &secretary_a,
         &app,
@@ -996,7 +958,7 @@ async fn the_owning_org_and_its_superiors_may_watch_other_branches_may_not(backe
     sqlx::query("UPDATE recordings SET status = 'ready', media_key = $2 WHERE id = $1")
         .bind(&id)
         .bind(recorder::replay_key(&id))
-        .execute(&db(&app).await.pool)
+        .execute(&app.db().await.pool)
         .await
         .unwrap();
     put_replay(&app, &id).await;
@@ -1007,9 +969,9 @@ async fn the_owning_org_and_its_superiors_may_watch_other_branches_may_not(backe
         format!("{api}/media"),
         format!("{api}/comments"),
     ];
-    let member_a = org_user(&app, "m-a", "member", &a).await;
-    let member_group = org_user(&app, "m-g", "member", &group).await;
-    let above = org_user(&app, "m-c", "member", &committee).await;
+    let member_a = keeper(&app, "m-a", "member", &a).await;
+    let member_group = keeper(&app, "m-g", "member", &group).await;
+    let above = keeper(&app, "m-c", "member", &committee).await;
     for (who, c) in [
         ("member of A", &member_a),
         ("member of A's group", &member_group),
@@ -1020,8 +982,8 @@ async fn the_owning_org_and_its_superiors_may_watch_other_branches_may_not(backe
             assert_eq!(status, 200, "{who} {p}: {body}");
         }
     }
-    let member_b = org_user(&app, "m-b", "member", &b).await;
-    let admin_b = org_user(&app, "adm-b", "org_admin", &b).await;
+    let member_b = keeper(&app, "m-b", "member", &b).await;
+    let admin_b = keeper(&app, "adm-b", "org_admin", &b).await;
     for (who, c) in [("member of B", &member_b), ("org admin of B", &admin_b)] {
         for p in &paths {
             let (status, body) = get(c, &app, p).await;
@@ -1036,7 +998,7 @@ async fn the_owning_org_and_its_superiors_may_watch_other_branches_may_not(backe
         );
     }
     // Published, another branch's admin may watch it but not change it; the committee's may.
-    let admin_above = org_user(&app, "adm-c", "org_admin", &committee).await;
+    let admin_above = keeper(&app, "adm-c", "org_admin", &committee).await;
     let (status, _) = call(
         &admin_above,
         &app,

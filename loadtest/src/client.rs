@@ -80,10 +80,6 @@ fn note(slot: &Mutex<Option<String>>, what: String) {
     p.get_or_insert(what);
 }
 
-fn vp8_codec() -> rtc::rtp_transceiver::rtp_sender::RTCRtpCodec {
-    sfu::engine::vp8()
-}
-
 // ---------------------------------------------------------------------------------------------
 // Publisher
 // ---------------------------------------------------------------------------------------------
@@ -145,7 +141,7 @@ pub async fn spawn_publisher(
                     ssrc: Some(*ssrc),
                     ..Default::default()
                 },
-                codec: vp8_codec(),
+                codec: sfu::engine::vp8(),
                 ..Default::default()
             })
             .collect();

@@ -373,7 +373,7 @@ async fn measure_step(plan: &Plan, crowd: &Crowd, first_new: usize) -> StepResul
     let mut join: Vec<u64> = joins(new);
     let server_cpu = cpu0.zip(cpu1).map(|(a, b)| b - a);
     let packets = t1.packets - t0.packets;
-    let videos = subs.len().max(1) as f64;
+    let subscribers = subs.len().max(1) as f64;
     StepResult {
         subscribers: subs.len(),
         connected: t1.connected,
@@ -385,7 +385,7 @@ async fn measure_step(plan: &Plan, crowd: &Crowd, first_new: usize) -> StepResul
         loss_ratio: report::loss(&t0, &t1),
         jitter_ms: t1.jitter_us as f64 / 1000.0,
         nacks_per_second: (t1.nacks - t0.nacks) as f64 / secs,
-        fps_per_subscriber: (t1.frames - t0.frames) as f64 / secs / videos,
+        fps_per_subscriber: (t1.frames - t0.frames) as f64 / secs / subscribers,
         latency_ms_p50: report::percentile(&mut lat, 50.0) as f64 / 1000.0,
         latency_ms_p99: report::percentile(&mut lat, 99.0) as f64 / 1000.0,
         join_ms_p50: report::percentile(&mut join, 50.0) as f64 / 1000.0,

@@ -914,9 +914,7 @@ impl Sfu {
     }
 
     pub fn poll_timeout(&mut self) -> Option<Instant> {
-        for id in std::mem::take(&mut self.dirty) {
-            self.rearm(id);
-        }
+        self.rearm_dirty();
         let tick = if self.producers.is_empty() {
             None
         } else {
@@ -932,9 +930,7 @@ impl Sfu {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        for id in std::mem::take(&mut self.dirty) {
-            self.rearm(id);
-        }
+        self.rearm_dirty();
         if self.producers.is_empty() {
             self.next_tick = None;
         } else if self.next_tick.is_none_or(|t| t <= now) {
@@ -966,6 +962,13 @@ impl Sfu {
         {
             p.dirty = true;
             self.dirty.push(peer);
+        }
+    }
+
+    /// Reads again the deadlines of every connection touched since the last time.
+    fn rearm_dirty(&mut self) {
+        for id in std::mem::take(&mut self.dirty) {
+            self.rearm(id);
         }
     }
 

@@ -233,96 +233,6 @@ async fn write_frames(mut writer: OwnedWriteHalf, mut frames: mpsc::Receiver<Byt
     }
 }
 
-/// Datagrams sent with one `sendmmsg` call at most.
-const BATCH: usize = 64;
-
-/// Sends UDP datagrams in batches of [`BATCH`] with `sendmmsg`: a forwarded packet is one
-/// datagram per subscriber, and one system call per datagram was a fifth of the server's CPU.
-/// Never waits: what the socket buffer cannot take now is dropped (and counted), as before.
-struct Batch {
-    to: Vec<socket2::SockAddr>,
-    data: Vec<bytes::BytesMut>,
-}
-
-impl Batch {
-    fn new() -> Batch {
-        Batch {
-            to: Vec::with_capacity(BATCH),
-            data: Vec::with_capacity(BATCH),
-        }
-    }
-
-    fn push(&mut self, to: SocketAddr, data: bytes::BytesMut) {
-        self.to.push(to.into());
-        self.data.push(data);
-    }
-
-    fn is_full(&self) -> bool {
-        self.data.len() >= BATCH
-    }
-
-    /// Sends everything queued; returns how many datagrams were dropped.
-    fn flush(&mut self, socket: &UdpSocket) -> u64 {
-        let mut dropped = 0;
-        let mut sent = 0;
-        while sent < self.data.len() {
-            match socket.try_io(tokio::io::Interest::WRITABLE, || {
-                send_many(socket, &self.to[sent..], &self.data[sent..])
-            }) {
-                Ok(n) if n > 0 => sent += n,
-                // Full buffer or an error for the datagram at the head: drop that one, go on.
-                _ => {
-                    sent += 1;
-                    dropped += 1;
-                }
-            }
-        }
-        self.to.clear();
-        self.data.clear();
-        dropped
-    }
-}
-
-fn send_many(
-    socket: &UdpSocket,
-    to: &[socket2::SockAddr],
-    data: &[bytes::BytesMut],
-) -> io::Result<usize> {
-    use std::os::fd::AsRawFd;
-    let n = to.len().min(data.len()).min(BATCH);
-    let mut iov: [libc::iovec; BATCH] = [libc::iovec {
-        iov_base: std::ptr::null_mut(),
-        iov_len: 0,
-    }; BATCH];
-    // SAFETY: mmsghdr is plain old data; all-zero is a valid (empty) value.
-    let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
-    for i in 0..n {
-        iov[i] = libc::iovec {
-            iov_base: data[i].as_ptr() as *mut libc::c_void,
-            iov_len: data[i].len(),
-        };
-        msgs[i].msg_hdr.msg_name = to[i].as_ptr() as *mut libc::c_void;
-        msgs[i].msg_hdr.msg_namelen = to[i].len();
-        msgs[i].msg_hdr.msg_iov = &mut iov[i];
-        msgs[i].msg_hdr.msg_iovlen = 1;
-    }
-    // SAFETY: `msgs[..n]` point at `iov` and at addresses and buffers that outlive the call;
-    // the kernel only reads them.
-    let rc = unsafe {
-        libc::sendmmsg(
-            socket.as_raw_fd(),
-            msgs.as_mut_ptr(),
-            n as libc::c_uint,
-            libc::MSG_DONTWAIT,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc as usize)
-    }
-}
-
 async fn run(
     socket: UdpSocket,
     listener: Option<TcpListener>,
@@ -332,7 +242,6 @@ async fn run(
 ) {
     let mut buf = vec![0u8; 2048];
     let mut send_drops = 0u64;
-    let mut batch = Batch::new();
     let (tcp_tx, mut tcp_rx) = mpsc::channel::<TcpInput>(1024);
     let mut tcp_writers: HashMap<SocketAddr, mpsc::Sender<Bytes>> = HashMap::new();
     loop {
@@ -393,19 +302,17 @@ async fn run(
         }
         while let Some(t) = sfu.poll_transmit() {
             // Never wait on a socket: a full buffer costs this packet, not everyone's.
-            if t.tcp {
-                let sent = tcp_writers
+            let sent = if t.tcp {
+                tcp_writers
                     .get(&t.to)
-                    .is_some_and(|w| w.try_send(t.data.freeze()).is_ok());
-                send_drops += u64::from(!sent);
+                    .is_some_and(|w| w.try_send(t.data.freeze()).is_ok())
             } else {
-                batch.push(t.to, t.data);
-                if batch.is_full() {
-                    send_drops += batch.flush(&socket);
-                }
+                socket.try_send_to(&t.data, t.to).is_ok()
+            };
+            if !sent {
+                send_drops += 1;
             }
         }
-        send_drops += batch.flush(&socket);
         while let Some(ev) = sfu.poll_event() {
             let _ = events.send(ev);
         }

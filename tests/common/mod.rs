@@ -2,6 +2,7 @@
 //! directory, or a PostgreSQL database created for it and dropped afterwards).
 #![allow(dead_code)]
 
+pub mod api;
 pub mod publisher;
 pub mod rtc;
 
@@ -137,6 +138,13 @@ impl TestApp {
                 self.dir.path().join("dangjian.db").display()
             ),
         }
+    }
+
+    /// A connection to the app's database, for seeding and checking behind the API.
+    pub async fn db(&self) -> portal::db::Db {
+        portal::db::Db::connect_only(&self.database_url())
+            .await
+            .unwrap()
     }
 
     pub fn data_dir(&self) -> PathBuf {

@@ -62,21 +62,7 @@ pub async fn ws_send(ws: &mut Ws, v: Value) {
         .expect("WebSocket send");
 }
 
-/// (kind, mid) of each m-section.
-pub fn sdp_mids(sdp: &str) -> Vec<(String, String)> {
-    sdp.split("\nm=")
-        .skip(1)
-        .map(|s| {
-            let kind = s.split(' ').next().unwrap_or_default().to_string();
-            let mid = s
-                .lines()
-                .find_map(|l| l.trim_end().strip_prefix("a=mid:"))
-                .unwrap_or_default()
-                .to_string();
-            (kind, mid)
-        })
-        .collect()
-}
+pub use loadtest::media::sdp_mids;
 
 /// The `ip:port` of every candidate in an SDP.
 pub fn sdp_candidates(sdp: &str) -> Vec<String> {
