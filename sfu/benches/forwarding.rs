@@ -208,7 +208,7 @@ impl Net {
             let publisher = self.clients[0].addr;
             while let Some(t) = self.sfu.poll_transmit() {
                 if !only_publisher || t.to == publisher {
-                    wire.push((self.sfu_addr, t.to, t.data));
+                    wire.push((self.sfu_addr, t.to, t.data.into()));
                 }
             }
             let mut events = Vec::new();

@@ -10,17 +10,19 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::RTCPeerConnection;
 use rtc::peer_connection::certificate::RTCCertificate;
 use rtc::peer_connection::event::{RTCPeerConnectionEvent, RTCTrackEvent};
-use rtc::peer_connection::message::RTCMessage;
+use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
 use rtc::peer_connection::sdp::RTCSessionDescription;
 use rtc::peer_connection::state::RTCPeerConnectionState;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
+use rtc::rtcp::receiver_report::ReceiverReport;
+use rtc::rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
@@ -30,10 +32,12 @@ use rtc::rtp_transceiver::{
     RTCRtpTransceiverInit,
 };
 use rtc::sansio::Protocol;
+use rtc::shared::marshal::MarshalSize;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 
 use crate::RouterId;
 use crate::engine;
+use crate::fastpath::{self, Kept, Outbound, Seal, Sealer, SendStats, SentRing};
 use crate::forwarder::{self, Forwarder, Layer, LayerState, Verdict};
 
 /// Keyframe requests for one layer are sent at most this often; one asked for sooner is sent
@@ -145,7 +149,7 @@ pub struct Transmit {
     pub to: SocketAddr,
     /// Goes out on the ICE-TCP connection from `to` rather than the UDP socket.
     pub tcp: bool,
-    pub data: BytesMut,
+    pub data: Bytes,
 }
 
 /// Counters for `/metrics`.
@@ -161,9 +165,15 @@ pub struct SfuStats {
     pub forward_errors: u64,
     pub plis: u64,
     pub layer_switches: u64,
-    /// Packets subscribers asked again for (NACK; answered from the send history, by RTX where
-    /// negotiated).
+    /// Packets subscribers asked again for (NACK), and how many of them were resent from the
+    /// send history.
     pub nacks_received: u64,
+    pub retransmitted: u64,
+    pub sender_reports: u64,
+    /// Subscriber connections whose media the SFU protects itself, and those that fell back to
+    /// rtc's send pipeline.
+    pub fast_path_connections: u64,
+    pub rtc_path_connections: u64,
 }
 
 struct Consumer {
@@ -177,6 +187,14 @@ struct Consumer {
     forwarder: Option<Forwarder>,
     /// The highest layer the subscriber asked for (from the size it displays).
     cap: Layer,
+    clock_rate: u32,
+    /// Video: what was sent lately, to answer NACKs; the RTX stream (SSRC, payload type) once
+    /// negotiated, and its next sequence number.
+    sent: Option<SentRing>,
+    rtx: Option<(u32, u8)>,
+    rtx_seq: u16,
+    /// For sender reports.
+    send_stats: SendStats,
 }
 
 struct Peer {
@@ -201,6 +219,8 @@ struct Peer {
     /// but forwarding touched the connection).
     timer: Option<Instant>,
     dirty: bool,
+    /// Subscribers: the send side (protection, TWCC, reports) the SFU runs itself.
+    out: Option<Outbound>,
 }
 
 /// One simulcast layer (or the only stream) of a producer.
@@ -325,6 +345,10 @@ pub struct Sfu {
     dirty: Vec<PeerId>,
     /// When the earliest deferred keyframe request is due.
     next_pli: Option<Instant>,
+    /// Where each forwarded packet is marshalled before it is protected.
+    scratch: Vec<u8>,
+    /// Protect forwarded media with the connection's own key (else through rtc's pipeline).
+    fast_path: bool,
 }
 
 /// Size of the receive arena that incoming datagrams are copied into.
@@ -354,7 +378,15 @@ impl Sfu {
             timers: BTreeSet::new(),
             dirty: Vec::new(),
             next_pli: None,
+            scratch: Vec::with_capacity(1500),
+            fast_path: true,
         })
+    }
+
+    /// Whether new subscriber connections may protect their media in the SFU (the default),
+    /// rather than through rtc's send pipeline. For comparisons; both are correct.
+    pub fn set_fast_path(&mut self, on: bool) {
+        self.fast_path = on;
     }
 
     pub fn stats(&self) -> SfuStats {
@@ -363,6 +395,11 @@ impl Sfu {
 
     pub fn advertised(&self) -> SocketAddr {
         self.advertised
+    }
+
+    /// The send-side bandwidth estimate towards a subscriber, once its TWCC feedback came in.
+    pub fn send_estimate(&self, peer: PeerId) -> Option<u64> {
+        self.peers.get(&peer)?.twcc.bps()
     }
 
     pub fn peer_count(&self) -> usize {
@@ -390,7 +427,11 @@ impl Sfu {
         let id = PeerId(self.id());
         let ufrag = hex::encode(rand::random::<[u8; 8]>());
         let pwd = hex::encode(rand::random::<[u8; 16]>());
-        let (pc, twcc) = engine::server_peer_connection(
+        let engine::ServerConnection {
+            pc,
+            estimate: twcc,
+            outbound,
+        } = engine::server_peer_connection(
             now,
             &ufrag,
             &pwd,
@@ -418,6 +459,7 @@ impl Sfu {
                 twcc,
                 timer: None,
                 dirty: false,
+                out: outbound,
             },
         );
         self.mark(id);
@@ -476,6 +518,16 @@ impl Sfu {
         p.awaiting_answer = false;
         for c in p.consumers.values_mut() {
             c.ssrc_pt = sender_ssrc_pt(&mut p.pc, c.sender, &c.mime);
+            c.rtx = c
+                .ssrc_pt
+                .and_then(|(_, pt)| sender_rtx(&mut p.pc, c.sender, pt));
+        }
+        if let Some(out) = p.out.as_mut() {
+            // One transport-wide sequence for the bundle: every m-section has the same id.
+            out.cc.ext_id = p
+                .consumers
+                .values()
+                .find_map(|c| twcc_ext_id(&mut p.pc, c.sender));
         }
         let again = std::mem::take(&mut p.needs_offer);
         if again {
@@ -693,6 +745,7 @@ impl Sfu {
             }
         }
         self.detect_speakers();
+        self.send_reports(now);
         let subs: Vec<PeerId> = self
             .peers
             .iter()
@@ -703,6 +756,44 @@ impl Sfu {
             self.allocate(now, sub);
         }
         self.pause_unwatched_layers();
+    }
+
+    /// Sender reports for every stream the SFU sends (receivers use them to line up audio with
+    /// video, and for round-trip times), and old send history written off.
+    fn send_reports(&mut self, now: Instant) {
+        let subs: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.connected && p.out.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        for sub in subs {
+            let Some(p) = self.peers.get_mut(&sub) else {
+                continue;
+            };
+            let Some(out) = p.out.as_mut() else {
+                continue;
+            };
+            out.cc.on_tick(now);
+            let reports: Vec<Box<dyn rtc::rtcp::Packet>> = p
+                .consumers
+                .values()
+                .filter_map(|c| {
+                    let (ssrc, _) = c.ssrc_pt?;
+                    let sr = c.send_stats.report(now, ssrc, c.clock_rate, &out.wall)?;
+                    Some(Box::new(sr) as Box<dyn rtc::rtcp::Packet>)
+                })
+                .collect();
+            if reports.is_empty() {
+                continue;
+            }
+            self.stats.sender_reports += reports.len() as u64;
+            let _ = p.pc.handle_write(TaggedRTCMessage {
+                now,
+                message: RTCMessage::RtcpPacket(String::new(), reports),
+            });
+            self.drain_writes(sub);
+        }
     }
 
     /// Asks publishers to stop encoding layers no subscriber wants (the smallest always runs, so
@@ -808,6 +899,11 @@ impl Sfu {
                 forwarder: (kind == MediaKind::Video).then(|| Forwarder::new(codec.clock_rate)),
                 mime: codec.mime_type,
                 cap: 2,
+                clock_rate: codec.clock_rate,
+                sent: (kind == MediaKind::Video).then(SentRing::default),
+                rtx: None,
+                rtx_seq: rand::random(),
+                send_stats: SendStats::default(),
             },
         );
         p.sender_tracks.insert(track_id, producer);
@@ -1041,7 +1137,51 @@ impl Sfu {
             return;
         };
         while let Some(m) = p.pc.poll_write() {
+            if let Some(out) = p.out.as_mut() {
+                watch_outbound(out, &m);
+            }
             queue_transmit(&mut self.stats, &mut self.transmits, m);
+        }
+    }
+
+    /// A subscriber just connected: find its SRTP key and start sending. rtc protects a probe
+    /// (an empty receiver report); the captured key that authenticates it is ours.
+    fn start_outbound(&mut self, now: Instant, peer: PeerId) {
+        let fast_path = self.fast_path;
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let Some(out) = p.out.as_mut() else {
+            return;
+        };
+        if !fast_path {
+            out.seal = Seal::Rtc;
+            out.keys = Default::default();
+        }
+        let ssrc = p
+            .consumers
+            .values()
+            .find_map(|c| c.ssrc_pt.map(|(s, _)| s))
+            .unwrap_or(1);
+        let probe = ReceiverReport {
+            ssrc,
+            ..Default::default()
+        };
+        let _ = p.pc.handle_write(TaggedRTCMessage {
+            now,
+            message: RTCMessage::RtcpPacket(String::new(), vec![Box::new(probe)]),
+        });
+        self.drain_writes(peer);
+        let Some(out) = self.peers.get_mut(&peer).and_then(|p| p.out.as_mut()) else {
+            return;
+        };
+        if matches!(out.seal, Seal::Pending) {
+            tracing::warn!(?peer, "no SRTP key matched the probe: sending through rtc");
+            out.seal = Seal::Rtc;
+        }
+        match out.seal {
+            Seal::Own(_) => self.stats.fast_path_connections += 1,
+            _ => self.stats.rtc_path_connections += 1,
         }
     }
 
@@ -1088,6 +1228,25 @@ impl Sfu {
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
+        if let Some(out) = p.out.as_mut() {
+            for pkt in pkts {
+                let pkt = pkt.as_any();
+                if let Some(fb) = pkt.downcast_ref::<TransportLayerCc>() {
+                    out.cc.on_feedback(now, fb);
+                } else if let Some(nack) = pkt.downcast_ref::<TransportLayerNack>() {
+                    resend(
+                        now,
+                        &mut p.pc,
+                        out,
+                        &mut p.consumers,
+                        nack,
+                        &mut self.scratch,
+                        &mut self.transmits,
+                        &mut self.stats,
+                    );
+                }
+            }
+        }
         for pkt in pkts {
             if let Some(remb) = pkt
                 .as_any()
@@ -1224,6 +1383,7 @@ impl Sfu {
                     };
                     p.connected = true;
                     self.events.push_back(SfuEvent::Connected { peer });
+                    self.start_outbound(now, peer);
                     // A new subscriber needs a keyframe to start decoding: allocation picks its
                     // layers and asks for one on each.
                     self.allocate(now, peer);
@@ -1305,50 +1465,267 @@ impl Sfu {
                     Verdict::Drop => continue,
                 },
             };
-            // Extension ids are per connection: drop the publisher's rather than mislabel them.
-            let header = rtc::rtp::header::Header {
-                version: pkt.header.version,
-                padding: false,
-                extension: false,
+            let Peer { pc, out, .. } = p;
+            let Some(out) = out.as_mut() else {
+                continue;
+            };
+            let media = Media {
                 marker: pkt.header.marker,
-                payload_type: pt,
-                sequence_number: seq,
-                timestamp: ts,
+                pt,
+                seq,
+                ts,
                 ssrc,
-                csrc: Vec::new(),
-                extension_profile: 0,
-                extensions: Vec::new(),
-                extensions_padding: 0,
+                osn: None,
+                payload: &pkt.payload,
             };
-            let out = rtc::rtp::Packet {
-                header,
-                payload: pkt.payload.clone(),
-            };
-            let sender = c.sender;
-            let ok =
-                p.pc.rtp_sender(sender)
-                    .map(|mut s| s.write_rtp(now, out).is_ok())
-                    .unwrap_or(false);
-            if ok {
+            let sent = send_media(
+                now,
+                pc,
+                out,
+                c,
+                &media,
+                &mut self.scratch,
+                &mut self.transmits,
+                &mut self.stats,
+            );
+            if sent {
                 self.stats.rtp_forwarded += 1;
             } else {
                 self.stats.forward_errors += 1;
             }
-            self.flush(sub);
         }
     }
 }
 
 /// Counts a datagram the engine wants sent and queues it for the socket it belongs to (the
 /// close notice of a peer on ICE-TCP goes back over TCP too).
-fn queue_transmit(stats: &mut SfuStats, transmits: &mut VecDeque<Transmit>, m: TaggedBytesMut) {
+fn queue_transmit<'a>(
+    stats: &mut SfuStats,
+    transmits: &'a mut VecDeque<Transmit>,
+    m: TaggedBytesMut,
+) -> &'a Transmit {
     stats.datagrams_out += 1;
     stats.bytes_out += m.message.len() as u64;
     transmits.push_back(Transmit {
         to: m.transport.peer_addr,
         tcp: m.transport.transport_protocol == TransportProtocol::TCP,
-        data: m.message,
+        data: m.message.freeze(),
     });
+    &transmits[transmits.len() - 1]
+}
+
+/// Learns from what rtc sends on a subscriber's connection: where the selected pair sends
+/// (its SRTCP follows ICE), and, from the first SRTCP, which captured key is ours.
+fn watch_outbound(out: &mut Outbound, m: &TaggedBytesMut) {
+    let d = &m.message;
+    if !fastpath::is_rtcp(d) && !fastpath::is_rtp(d) {
+        return;
+    }
+    let tcp = m.transport.transport_protocol == TransportProtocol::TCP;
+    out.dest = Some((m.transport.peer_addr, tcp));
+    if matches!(out.seal, Seal::Pending)
+        && fastpath::is_rtcp(d)
+        && let Some(sealer) = Sealer::find(&out.keys, d)
+    {
+        out.seal = Seal::Own(sealer);
+    }
+}
+
+/// Answers a NACK from the send history: each lost packet goes out again as RTX (its original
+/// sequence number first, on the RTX SSRC). Without negotiated RTX nothing is resent: a second,
+/// different packet under the old sequence number would reuse its SRTP nonce.
+#[allow(clippy::too_many_arguments)]
+fn resend(
+    now: Instant,
+    pc: &mut RTCPeerConnection,
+    out: &mut Outbound,
+    consumers: &mut HashMap<ProducerId, Consumer>,
+    nack: &TransportLayerNack,
+    scratch: &mut Vec<u8>,
+    transmits: &mut VecDeque<Transmit>,
+    stats: &mut SfuStats,
+) {
+    let Some(c) = consumers
+        .values_mut()
+        .find(|c| c.ssrc_pt.is_some_and(|(s, _)| s == nack.media_ssrc))
+    else {
+        return;
+    };
+    let (Some(ring), Some((rtx_ssrc, rtx_pt))) = (c.sent.as_ref(), c.rtx) else {
+        return;
+    };
+    for pair in &nack.nacks {
+        for seq in pair.packet_list() {
+            let Some(k) = ring.get(seq) else {
+                continue;
+            };
+            let packet = Media {
+                marker: k.marker,
+                pt: rtx_pt,
+                seq: c.rtx_seq,
+                ts: k.ts,
+                ssrc: rtx_ssrc,
+                osn: Some(seq),
+                payload: &k.payload,
+            };
+            if emit(now, pc, out, &packet, scratch, transmits, stats) {
+                c.rtx_seq = c.rtx_seq.wrapping_add(1);
+                stats.retransmitted += 1;
+            }
+        }
+    }
+}
+
+/// One packet for one subscriber, as the forwarder rewrote it.
+struct Media<'a> {
+    marker: bool,
+    pt: u8,
+    seq: u16,
+    ts: u32,
+    ssrc: u32,
+    /// RTX: the original sequence number, which goes before the payload.
+    osn: Option<u16>,
+    payload: &'a Bytes,
+}
+
+/// Sends one forwarded packet on a subscriber's connection and keeps it for NACKs and sender
+/// reports.
+#[allow(clippy::too_many_arguments)]
+fn send_media(
+    now: Instant,
+    pc: &mut RTCPeerConnection,
+    out: &mut Outbound,
+    c: &mut Consumer,
+    m: &Media<'_>,
+    scratch: &mut Vec<u8>,
+    transmits: &mut VecDeque<Transmit>,
+    stats: &mut SfuStats,
+) -> bool {
+    if !emit(now, pc, out, m, scratch, transmits, stats) {
+        return false;
+    }
+    if let Some(ring) = c.sent.as_mut() {
+        ring.push(Kept {
+            seq: m.seq,
+            ts: m.ts,
+            marker: m.marker,
+            payload: m.payload.clone(),
+        });
+    }
+    c.send_stats.on_packet(now, m.ts, m.payload.len());
+    true
+}
+
+/// Numbers a packet for TWCC and protects it (with the connection's key, or through rtc) onto
+/// the wire. Extension ids are per connection: the publisher's are dropped, not mislabelled.
+fn emit(
+    now: Instant,
+    pc: &mut RTCPeerConnection,
+    out: &mut Outbound,
+    m: &Media<'_>,
+    scratch: &mut Vec<u8>,
+    transmits: &mut VecDeque<Transmit>,
+    stats: &mut SfuStats,
+) -> bool {
+    let twcc = out.cc.number();
+    let h = &mut out.header;
+    h.marker = m.marker;
+    h.payload_type = m.pt;
+    h.sequence_number = m.seq;
+    h.timestamp = m.ts;
+    h.ssrc = m.ssrc;
+    h.extensions.clear();
+    h.extension = twcc.is_some();
+    h.extension_profile = if twcc.is_some() { 0xBEDE } else { 0 };
+    if let Some((id, tseq)) = twcc {
+        h.extensions.push(rtc::rtp::header::Extension {
+            id,
+            payload: fastpath::seq_bytes(tseq),
+        });
+    }
+    let osn = m.osn.map(u16::to_be_bytes);
+    let osn: &[u8] = osn.as_ref().map_or(&[], |b| &b[..]);
+    let size = h.marshal_size() + osn.len() + m.payload.len();
+    match &mut out.seal {
+        Seal::Pending => return false,
+        Seal::Own(sealer) => {
+            let Some((to, tcp)) = out.dest else {
+                return false;
+            };
+            scratch.clear();
+            fastpath::write_header(scratch, m.marker, m.pt, m.seq, m.ts, m.ssrc, twcc);
+            scratch.extend_from_slice(osn);
+            scratch.extend_from_slice(m.payload);
+            let Ok(data) = sealer.seal(scratch, h) else {
+                return false;
+            };
+            stats.datagrams_out += 1;
+            stats.bytes_out += data.len() as u64;
+            transmits.push_back(Transmit { to, tcp, data });
+        }
+        Seal::Rtc => {
+            let payload = if osn.is_empty() {
+                m.payload.clone()
+            } else {
+                Bytes::from([osn, &m.payload[..]].concat())
+            };
+            let packet = rtc::rtp::Packet {
+                header: h.clone(),
+                payload,
+            };
+            let msg = TaggedRTCMessage {
+                now,
+                message: RTCMessage::RtpPacket(String::new(), packet),
+            };
+            if pc.handle_write(msg).is_err() {
+                return false;
+            }
+            while let Some(w) = pc.poll_write() {
+                queue_transmit(stats, transmits, w);
+            }
+        }
+    }
+    if twcc.is_some() {
+        out.cc.sent(m.ssrc, m.seq, size, now);
+    }
+    true
+}
+
+/// The negotiated id of the transport-wide sequence number extension on a sender's m-section.
+fn twcc_ext_id(pc: &mut RTCPeerConnection, sender: RTCRtpSenderId) -> Option<u8> {
+    pc.rtp_sender(sender)?
+        .get_parameters()
+        .rtp_parameters
+        .header_extensions
+        .iter()
+        .find(|e| e.uri == rtc::sdp::extmap::TRANSPORT_CC_URI)
+        .and_then(|e| u8::try_from(e.id).ok())
+}
+
+/// The RTX stream of a sender: its SSRC and the payload type whose `apt` is `pt`.
+fn sender_rtx(pc: &mut RTCPeerConnection, sender: RTCRtpSenderId, pt: u8) -> Option<(u32, u8)> {
+    let mut s = pc.rtp_sender(sender)?;
+    let ssrc = s
+        .track()
+        .codings()
+        .iter()
+        .find_map(|c| c.rtp_coding_parameters.rtx.as_ref())?
+        .ssrc;
+    let apt = format!("apt={pt}");
+    let rtx_pt = s
+        .get_parameters()
+        .rtp_parameters
+        .codecs
+        .iter()
+        .find(|c| {
+            c.rtp_codec.mime_type.eq_ignore_ascii_case("video/rtx")
+                && c.rtp_codec
+                    .sdp_fmtp_line
+                    .split(';')
+                    .any(|p| p.trim() == apt)
+        })?
+        .payload_type;
+    Some((ssrc, rtx_pt))
 }
 
 fn sender_ssrc_pt(

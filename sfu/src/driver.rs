@@ -305,7 +305,7 @@ async fn run(
             let sent = if t.tcp {
                 tcp_writers
                     .get(&t.to)
-                    .is_some_and(|w| w.try_send(t.data.freeze()).is_ok())
+                    .is_some_and(|w| w.try_send(t.data).is_ok())
             } else {
                 socket.try_send_to(&t.data, t.to).is_ok()
             };

@@ -11,8 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use rtc::interceptor::{
     Attribute, BandwidthEstimator, CongestionControlBuilder, EstimatorStats, Gcc, Interceptor,
-    NackResponderBuilder, Packet, PacketReport, SenderReportBuilder, Slot, StreamInfo,
-    TaggedPacket,
+    Packet, PacketReport, Slot, StreamInfo, TaggedPacket,
 };
 use rtc::peer_connection::certificate::{CertificateParams, RTCCertificate};
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
@@ -31,11 +30,15 @@ use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
+use rtc::rtcp::sender_report::SenderReport;
+use rtc::rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpHeaderExtensionCapability, RtpCodecKind,
 };
 use rtc::sansio::Protocol;
+
+use crate::fastpath::{KeyCapture, Outbound};
 
 pub type EngineError = rtc::shared::error::Error;
 
@@ -136,7 +139,7 @@ fn media_engine() -> Result<MediaEngine, EngineError> {
 pub const AUDIO_LEVEL_URI: &str = "urn:ietf:params:rtp-hdrext:ssrc-audio-level";
 
 /// The engine's interceptor chain consumes inbound RTCP; this marks keyframe requests and REMB
-/// estimates so that the SFU sees them in `poll_read` (to relay them to the publisher, and to
+/// estimates (and feedback and sender reports) so that the SFU sees them in `poll_read` (to relay them to the publisher, and to
 /// choose simulcast layers).
 /// Public so that Rust test clients (and the load tool) can see the PLIs they are sent.
 #[derive(Default)]
@@ -160,6 +163,8 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverRtcpFeedback {
                     || p.is::<FullIntraRequest>()
                     || p.is::<ReceiverEstimatedMaximumBitrate>()
                     || p.is::<TransportLayerNack>()
+                    || p.is::<TransportLayerCc>()
+                    || p.is::<SenderReport>()
             })
         {
             msg.message.add(Attribute::DeliverToApplication);
@@ -204,6 +209,15 @@ pub fn certificate() -> Result<RTCCertificate, String> {
     .map_err(|e| e.to_string())
 }
 
+/// A server-side connection as [`server_peer_connection`] builds it.
+pub struct ServerConnection {
+    pub pc: RTCPeerConnection,
+    /// The send-side bandwidth estimate for the media this connection sends.
+    pub estimate: EstimateHandle,
+    /// Subscriber connections: the send side the SFU runs itself.
+    pub outbound: Option<Outbound>,
+}
+
 /// A server-side connection: ICE-lite with our own credentials (the ufrag routes STUN to it) and
 /// the shared socket's address as its only candidate. `receives_media`: a publisher's
 /// connection (media in) rather than a subscriber's (media out).
@@ -215,34 +229,33 @@ pub fn server_peer_connection(
     advertised_tcp: Option<SocketAddr>,
     cert: &RTCCertificate,
     receives_media: bool,
-) -> Result<(RTCPeerConnection, EstimateHandle), EngineError> {
+) -> Result<ServerConnection, EngineError> {
     let mut me = media_engine()?;
     let registry = Registry::new().with(Slot::from(14_000), DeliverRtcpFeedback::default());
-    let registry = if receives_media {
-        register_default_interceptors(registry, &mut me)?
-    } else {
-        send_side_interceptors(registry, &mut me)?
-    };
-    // Send-side bandwidth estimation from the browser's transport-wide feedback (TWCC), without
-    // the engine's pacer: it would hold every packet to the estimate, and simulcast layer
-    // switching is how this server adapts.
-    let estimate = EstimateHandle::default();
-    let estimator = Published {
-        inner: Gcc::new(INITIAL_ESTIMATE_BPS, 100_000.0, 20_000_000.0),
-        out: estimate.clone(),
-    };
-    estimator.publish();
-    let registry = configure_twcc_sender_only(registry, &mut me)?.with(
-        Slot::CongestionControl,
-        CongestionControlBuilder::new(estimator).build(),
-    );
-    let settings = SettingEngineBuilder::new()
+    let (estimator, estimate) = estimator();
+    let mut settings = SettingEngineBuilder::new()
         .with_lite(true)
         .with_ice_credentials(ufrag.into(), pwd.into())
         // The agent notices the client's nomination (and DTLS starts) on its next check tick:
         // at the default 200 ms that was most of a viewer's join time.
-        .with_ice_connection_attempts(Some(ICE_CHECK_INTERVAL), None)
-        .build();
+        .with_ice_connection_attempts(Some(ICE_CHECK_INTERVAL), None);
+    let (registry, outbound) = if receives_media {
+        // Send-side bandwidth estimation from the browser's transport-wide feedback (TWCC),
+        // without the engine's pacer (unused here: a publisher's connection sends no media).
+        let registry = register_default_interceptors(registry, &mut me)?;
+        let registry = configure_twcc_sender_only(registry, &mut me)?.with(
+            Slot::CongestionControl,
+            CongestionControlBuilder::new(estimator).build(),
+        );
+        (registry, None)
+    } else {
+        // The SFU sends a subscriber's media itself (see `fastpath`): the chain only delivers
+        // the feedback, and the connection's crypto provider lets the SFU find its SRTP key.
+        negotiate_send_side(&mut me)?;
+        let keys = KeyCapture::default();
+        settings = settings.with_crypto_provider(keys.provider().map_err(EngineError::Other)?);
+        (registry, Some(Outbound::new(now, keys, estimator)))
+    };
     let mut pc = RTCPeerConnectionBuilder::new()
         .with_configuration(
             RTCConfigurationBuilder::new()
@@ -250,7 +263,7 @@ pub fn server_peer_connection(
                 .build(),
         )
         .with_media_engine(me)
-        .with_setting_engine(settings)
+        .with_setting_engine(settings.build())
         .with_interceptor_registry(registry)
         .build(now)?;
     pc.add_local_candidate(host_candidate(advertised, false)?)?;
@@ -258,17 +271,30 @@ pub fn server_peer_connection(
     if let Some(tcp) = advertised_tcp {
         pc.add_local_candidate(host_candidate(tcp, true)?)?;
     }
-    Ok((pc, estimate))
+    Ok(ServerConnection {
+        pc,
+        estimate,
+        outbound,
+    })
 }
 
-/// What [`register_default_interceptors`] offers in SDP (NACK, PLI, simulcast extensions;
-/// transport-cc comes with the TWCC sender), but only the interceptors that act on media we
-/// send: every forwarded packet walks the whole chain, and the receive-side ones (NACK
-/// generator, TWCC receiver, receiver reports) have nothing to do on a subscriber's connection.
-fn send_side_interceptors(
-    registry: Registry,
-    me: &mut MediaEngine,
-) -> Result<Registry, EngineError> {
+/// A fresh congestion controller: a GCC estimate (without the engine's pacer: it would hold
+/// every packet to the estimate, and simulcast layer switching is how this server adapts),
+/// published through the handle.
+pub fn estimator() -> (Published<Gcc>, EstimateHandle) {
+    let estimate = EstimateHandle::default();
+    let estimator = Published {
+        inner: Gcc::new(INITIAL_ESTIMATE_BPS, 100_000.0, 20_000_000.0),
+        out: estimate.clone(),
+    };
+    estimator.publish();
+    (estimator, estimate)
+}
+
+/// What a subscriber's connection offers in SDP for the media the SFU sends on it: NACK and
+/// PLI feedback, the simulcast extensions (as the default interceptors do) and transport-wide
+/// congestion control. The interceptors that come with them are not used.
+fn negotiate_send_side(me: &mut MediaEngine) -> Result<(), EngineError> {
     for parameter in ["", "pli"] {
         me.register_feedback(
             RTCPFeedback {
@@ -279,9 +305,8 @@ fn send_side_interceptors(
         );
     }
     configure_simulcast_extension_headers(me)?;
-    Ok(registry
-        .with(Slot::NackResponder, NackResponderBuilder::new().build())
-        .with(Slot::SenderReport, SenderReportBuilder::new().build()))
+    let _ = configure_twcc_sender_only(Registry::new(), me)?;
+    Ok(())
 }
 
 /// How often a connecting server connection's ICE agent looks at its checks.
@@ -305,7 +330,7 @@ impl EstimateHandle {
 }
 
 /// Wraps the estimator to publish each new target through an [`EstimateHandle`].
-struct Published<E> {
+pub struct Published<E> {
     inner: E,
     out: EstimateHandle,
 }

@@ -15,6 +15,7 @@
 pub mod core;
 pub mod driver;
 pub mod engine;
+pub mod fastpath;
 pub mod forwarder;
 
 use std::fmt;

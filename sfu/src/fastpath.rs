@@ -1,0 +1,655 @@
+//! The forwarding fast path: the SFU protects forwarded media with the subscriber connection's
+//! own SRTP key and puts it on the wire itself, instead of walking each packet through `rtc`'s
+//! send pipeline (interceptor chain, handler queues, two copies; about 10 µs a packet).
+//!
+//! `rtc` keeps everything else on the connection: ICE, DTLS, SRTCP in both directions and the
+//! RTCP it receives. What its send-side interceptors did for media is done here instead:
+//! transport-wide sequence numbers and the send history that turns TWCC feedback into a
+//! bandwidth estimate ([`Congestion`]), sender reports ([`SendStats`]), and a history of sent
+//! datagrams to answer NACKs from ([`SentRing`]).
+//!
+//! `rtc` does not expose the keys it derives, so the connection gets a crypto provider that
+//! notes the master keys handed to SRTP key derivation ([`KeyCapture`]). Which of them is the
+//! local one (and which protection profile) is decided by decrypting an SRTCP datagram that
+//! `rtc` itself protected on that connection ([`Sealer::find`]): a wrong guess cannot pass the
+//! authentication tag. Without a match the connection keeps sending through `rtc`.
+//!
+//! One writer per SSRC: once a connection seals its own media, `rtc` never sends RTP on it (its
+//! chain has no interceptor that could), so no SRTP nonce is used twice. Retransmissions go out
+//! as RTX (RFC 4588) on their own SSRC and sequence numbers, never as a second, different packet
+//! under an old sequence number.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rtc::crypto::{
+    ActiveKeyExchange, AeadAlgorithm, AeadCipher, BlockCipherAlgorithm, CbcAlgorithm, CbcCipher,
+    CryptoAlgorithm, CryptoError, HashAlgorithm, HmacAlgorithm, KeyExchangeAlgorithm, Mac,
+    PublicKey, RTCCrypto, RTCCryptoProvider, RTCRandom, SignatureScheme, SigningKey, StreamCipher,
+    StreamCipherAlgorithm,
+};
+use rtc::interceptor::{BandwidthEstimator, Gcc, PacketReport, convert_twcc};
+use rtc::rtcp::sender_report::SenderReport;
+use rtc::rtcp::transport_feedbacks::cc_feedback_report::Ecn;
+use rtc::rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc;
+use rtc::shared::time::SystemInstant;
+use rtc::srtp::context::Context;
+use rtc::srtp::protection_profile::ProtectionProfile;
+
+use crate::engine::Published;
+
+/// The master keys (and the first key-derivation block, which starts with the master salt) that
+/// one connection's SRTP contexts were built from, in the order they were built.
+#[derive(Clone, Default)]
+pub struct KeyCapture(Arc<Mutex<Vec<Derivation>>>);
+
+/// A master key and the first block derived with it.
+type Derivation = (Vec<u8>, [u8; 16]);
+
+/// A connection builds two SRTP contexts (local, remote), each deriving several session keys.
+const MAX_CAPTURED: usize = 16;
+
+impl KeyCapture {
+    /// A crypto provider for one connection: `rtc`'s default, noting what SRTP derives keys from.
+    pub fn provider(&self) -> Result<Arc<dyn RTCCryptoProvider>, String> {
+        let inner = rtc::crypto::default_provider().map_err(|e| e.to_string())?;
+        Ok(Arc::new(CapturingProvider {
+            crypto: CapturingCrypto {
+                inner: inner.clone(),
+                seen: self.clone(),
+            },
+            inner,
+        }))
+    }
+
+    /// Each distinct master key seen, with the salt candidate from its first derivation block.
+    fn candidates(&self) -> Vec<Derivation> {
+        let seen = self.0.lock().map(|s| s.clone()).unwrap_or_default();
+        let mut out: Vec<Derivation> = Vec::new();
+        for (key, block) in seen {
+            if !out.iter().any(|(k, _)| *k == key) {
+                out.push((key, block));
+            }
+        }
+        out
+    }
+
+    /// Forgets the keys once they are no longer needed.
+    fn clear(&self) {
+        if let Ok(mut s) = self.0.lock() {
+            s.clear();
+        }
+    }
+}
+
+struct CapturingProvider {
+    inner: Arc<dyn RTCCryptoProvider>,
+    crypto: CapturingCrypto,
+}
+
+impl RTCCryptoProvider for CapturingProvider {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn crypto(&self) -> &dyn RTCCrypto {
+        &self.crypto
+    }
+    fn random(&self) -> &dyn RTCRandom {
+        self.inner.random()
+    }
+}
+
+struct CapturingCrypto {
+    inner: Arc<dyn RTCCryptoProvider>,
+    seen: KeyCapture,
+}
+
+impl RTCCrypto for CapturingCrypto {
+    fn supports(&self, algorithm: CryptoAlgorithm) -> bool {
+        self.inner.crypto().supports(algorithm)
+    }
+    fn hash(&self, algorithm: HashAlgorithm, data: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        self.inner.crypto().hash(algorithm, data)
+    }
+    fn block_encrypt(
+        &self,
+        algorithm: BlockCipherAlgorithm,
+        key: &[u8],
+        block: &mut [u8],
+    ) -> Result<(), CryptoError> {
+        // SRTP's key derivation is the only user of single-block encryption in rtc.
+        if let (Ok(mut seen), Ok(b)) = (self.seen.0.lock(), <[u8; 16]>::try_from(&*block))
+            && seen.len() < MAX_CAPTURED
+        {
+            seen.push((key.to_vec(), b));
+        }
+        self.inner.crypto().block_encrypt(algorithm, key, block)
+    }
+    fn new_hmac(&self, algorithm: HmacAlgorithm, key: &[u8]) -> Result<Box<dyn Mac>, CryptoError> {
+        self.inner.crypto().new_hmac(algorithm, key)
+    }
+    fn new_stream_cipher(
+        &self,
+        algorithm: StreamCipherAlgorithm,
+        key: &[u8],
+    ) -> Result<Box<dyn StreamCipher>, CryptoError> {
+        self.inner.crypto().new_stream_cipher(algorithm, key)
+    }
+    fn new_aead(
+        &self,
+        algorithm: AeadAlgorithm,
+        key: &[u8],
+    ) -> Result<Box<dyn AeadCipher>, CryptoError> {
+        self.inner.crypto().new_aead(algorithm, key)
+    }
+    fn new_cbc(
+        &self,
+        algorithm: CbcAlgorithm,
+        key: &[u8],
+    ) -> Result<Box<dyn CbcCipher>, CryptoError> {
+        self.inner.crypto().new_cbc(algorithm, key)
+    }
+    fn start_key_exchange(
+        &self,
+        algorithm: KeyExchangeAlgorithm,
+    ) -> Result<Box<dyn ActiveKeyExchange>, CryptoError> {
+        self.inner.crypto().start_key_exchange(algorithm)
+    }
+    fn generate_signing_key(
+        &self,
+        scheme: SignatureScheme,
+    ) -> Result<Arc<dyn SigningKey>, CryptoError> {
+        self.inner.crypto().generate_signing_key(scheme)
+    }
+    fn import_signing_key(
+        &self,
+        scheme: SignatureScheme,
+        pkcs8_der: &[u8],
+    ) -> Result<Arc<dyn SigningKey>, CryptoError> {
+        self.inner.crypto().import_signing_key(scheme, pkcs8_der)
+    }
+    fn verify_signature(
+        &self,
+        scheme: SignatureScheme,
+        public_key: PublicKey<'_>,
+        message: &[u8],
+        signature: &[u8],
+    ) -> Result<(), CryptoError> {
+        self.inner
+            .crypto()
+            .verify_signature(scheme, public_key, message, signature)
+    }
+}
+
+/// The profiles a connection may have negotiated. The 32-bit-tag variant is left out: its
+/// SRTCP looks exactly like the 80-bit one's, so the probe could not tell them apart (such a
+/// connection keeps sending through rtc).
+const PROFILES: [ProtectionProfile; 3] = [
+    ProtectionProfile::AeadAes128Gcm,
+    ProtectionProfile::AeadAes256Gcm,
+    ProtectionProfile::Aes128CmHmacSha1_80,
+];
+
+/// The connection's outbound SRTP context, owned by the SFU.
+pub struct Sealer {
+    ctx: Context,
+    pub profile: ProtectionProfile,
+}
+
+impl Sealer {
+    /// The captured key and profile under which `srtcp` (a datagram rtc protected on this
+    /// connection) authenticates, as a fresh context for protecting RTP.
+    pub fn find(keys: &KeyCapture, srtcp: &[u8]) -> Option<Sealer> {
+        let provider = rtc::crypto::default_provider().ok()?;
+        let crypto = provider.crypto();
+        let found = keys.candidates().into_iter().find_map(|(key, block)| {
+            PROFILES.into_iter().find_map(|profile| {
+                if profile.key_len() != key.len() || profile.salt_len() > 14 {
+                    return None;
+                }
+                let salt = &block[..profile.salt_len()];
+                let mut probe = Context::new(&key, salt, profile, None, None, crypto).ok()?;
+                probe.decrypt_rtcp(srtcp).ok()?;
+                let ctx = Context::new(&key, salt, profile, None, None, crypto).ok()?;
+                Some(Sealer { ctx, profile })
+            })
+        });
+        keys.clear();
+        found
+    }
+
+    /// Protects one marshalled RTP packet (`packet` starts with `header`).
+    pub fn seal(
+        &mut self,
+        packet: &[u8],
+        header: &rtc::rtp::header::Header,
+    ) -> Result<Bytes, rtc::shared::error::Error> {
+        self.ctx
+            .encrypt_rtp_with_header(packet, header)
+            .map(|b| b.freeze())
+    }
+}
+
+/// RFC 5761: an RTCP packet type in the second byte (RTP payload types stop below 72 with the
+/// marker bit, or 128 + 71 with it).
+pub fn is_rtcp(datagram: &[u8]) -> bool {
+    datagram.len() >= 8 && (128..192).contains(&datagram[0]) && (192..224).contains(&datagram[1])
+}
+
+/// Whether `datagram` is RTP (not RTCP, not STUN or DTLS).
+pub fn is_rtp(datagram: &[u8]) -> bool {
+    datagram.len() >= 12 && (128..192).contains(&datagram[0]) && !is_rtcp(datagram)
+}
+
+/// The last packets sent on one video stream, by sequence number, to resend (as RTX) when the
+/// subscriber reports them lost (NACK). The payloads are the publisher's, shared by every
+/// subscriber: a slot costs a reference, not a copy.
+pub struct SentRing {
+    slots: Box<[Option<Kept>]>,
+}
+
+/// One sent packet as the subscriber saw it.
+#[derive(Clone)]
+pub struct Kept {
+    pub seq: u16,
+    pub ts: u32,
+    pub marker: bool,
+    pub payload: Bytes,
+}
+
+/// About 1.7 s of a full-size layer; a NACK comes within a round trip or two.
+pub const SENT_RING: usize = 512;
+
+impl Default for SentRing {
+    fn default() -> Self {
+        SentRing {
+            slots: (0..SENT_RING).map(|_| None).collect(),
+        }
+    }
+}
+
+impl SentRing {
+    pub fn push(&mut self, kept: Kept) {
+        let i = kept.seq as usize % SENT_RING;
+        self.slots[i] = Some(kept);
+    }
+
+    pub fn get(&self, seq: u16) -> Option<&Kept> {
+        self.slots[seq as usize % SENT_RING]
+            .as_ref()
+            .filter(|k| k.seq == seq)
+    }
+}
+
+/// What a sender report about one outgoing stream says.
+#[derive(Default)]
+pub struct SendStats {
+    packets: u32,
+    octets: u32,
+    /// The RTP timestamp of the latest frame, and when its first packet went out.
+    last: Option<(u32, Instant)>,
+}
+
+impl SendStats {
+    pub fn on_packet(&mut self, now: Instant, ts: u32, payload: usize) {
+        self.packets = self.packets.wrapping_add(1);
+        self.octets = self.octets.wrapping_add(payload as u32);
+        // The first packet of a frame fixes the mapping: the rest of a frame goes out later
+        // only because it is long.
+        if self.last.is_none_or(|(t, _)| t != ts) {
+            self.last = Some((ts, now));
+        }
+    }
+
+    /// A sender report for `ssrc` as of `now`, once something was sent.
+    pub fn report(
+        &self,
+        now: Instant,
+        ssrc: u32,
+        clock_rate: u32,
+        wall: &SystemInstant,
+    ) -> Option<SenderReport> {
+        let (ts, at) = self.last?;
+        let since = now.saturating_duration_since(at).as_secs_f64();
+        Some(SenderReport {
+            ssrc,
+            ntp_time: wall.ntp(now),
+            rtp_time: ts.wrapping_add((since * f64::from(clock_rate)) as u32),
+            packet_count: self.packets,
+            octet_count: self.octets,
+            ..Default::default()
+        })
+    }
+}
+
+/// Sent packets remembered for TWCC feedback: several seconds at any sane rate, and feedback
+/// comes every 100 ms or so.
+const TWCC_HISTORY: usize = 2048;
+
+/// One sent packet awaiting feedback. `id` is the extended transport-wide sequence number (its
+/// low 16 bits are what went on the wire), so slots are found without hashing.
+#[derive(Clone, Copy)]
+struct Sent {
+    id: u64,
+    ssrc: u32,
+    seq: u16,
+    size: u32,
+    departure: Instant,
+    arrived: bool,
+    arrival: Option<Duration>,
+}
+
+/// Transport-wide congestion control for one connection: numbers every packet, remembers when
+/// it left, and feeds the subscriber's feedback to the estimator (GCC). Does what rtc's
+/// `History` does, in a ring instead of three hash maps (a third of the forwarding time).
+pub struct Congestion {
+    /// The negotiated id of the transport-wide sequence number extension.
+    pub ext_id: Option<u8>,
+    next: u64,
+    sent: Box<[Option<Sent>]>,
+    /// Highest id reported as arrived, and the lowest not yet handed to the estimator.
+    highest_arrived: Option<u64>,
+    next_to_report: u64,
+    estimator: Published<Gcc>,
+}
+
+impl Congestion {
+    pub fn new(estimator: Published<Gcc>) -> Congestion {
+        Congestion {
+            ext_id: None,
+            next: 0,
+            sent: vec![None; TWCC_HISTORY].into_boxed_slice(),
+            highest_arrived: None,
+            next_to_report: 0,
+            estimator,
+        }
+    }
+
+    /// The extension id and the next transport-wide sequence number, if negotiated.
+    pub fn number(&mut self) -> Option<(u8, u16)> {
+        let id = self.ext_id?;
+        Some((id, self.next as u16))
+    }
+
+    /// Records the packet numbered by the last [`Congestion::number`].
+    pub fn sent(&mut self, ssrc: u32, seq: u16, size: usize, now: Instant) {
+        let id = self.next;
+        self.next += 1;
+        self.sent[id as usize % TWCC_HISTORY] = Some(Sent {
+            id,
+            ssrc,
+            seq,
+            size: size as u32,
+            departure: now,
+            arrived: false,
+            arrival: None,
+        });
+    }
+
+    /// The extended id of a wire sequence number: the one nearest the last sent.
+    fn extend(&self, wire: u16) -> Option<u64> {
+        let last = self.next.checked_sub(1)?;
+        let back = (last as u16).wrapping_sub(wire) as u64;
+        last.checked_sub(back)
+    }
+
+    pub fn on_feedback(&mut self, now: Instant, feedback: &TransportLayerCc) {
+        for ack in convert_twcc(feedback) {
+            let Some(id) = self.extend(ack.sequence_number) else {
+                continue;
+            };
+            let Some(p) = self.sent[id as usize % TWCC_HISTORY]
+                .as_mut()
+                .filter(|p| p.id == id)
+            else {
+                continue;
+            };
+            p.arrived = ack.arrived;
+            p.arrival = ack.arrival;
+            if ack.arrived {
+                self.highest_arrived = Some(self.highest_arrived.map_or(id, |h| h.max(id)));
+            }
+        }
+        let reports = self.take_reports();
+        if !reports.is_empty() {
+            self.estimator.on_reports(now, &reports);
+        }
+    }
+
+    /// Everything up to the highest arrived packet, in send order; what did not arrive by then
+    /// is reported lost.
+    fn take_reports(&mut self) -> Vec<PacketReport> {
+        let Some(highest) = self.highest_arrived else {
+            return Vec::new();
+        };
+        let from = self
+            .next_to_report
+            .max((highest + 1).saturating_sub(TWCC_HISTORY as u64));
+        let mut out = Vec::new();
+        for id in from..=highest {
+            let slot = &mut self.sent[id as usize % TWCC_HISTORY];
+            if let Some(p) = slot.take_if(|p| p.id == id) {
+                out.push(PacketReport {
+                    ssrc: p.ssrc,
+                    id,
+                    rtp_sequence_number: p.seq,
+                    is_twcc: true,
+                    twcc_sequence_number: id as u16,
+                    size: p.size as usize,
+                    arrived: p.arrived,
+                    departure: p.departure,
+                    arrival: p.arrival,
+                    ecn: Ecn::NotEct,
+                });
+            }
+        }
+        self.next_to_report = self.next_to_report.max(highest + 1);
+        out
+    }
+
+    pub fn on_tick(&mut self, now: Instant) {
+        self.estimator.handle_timeout(now);
+    }
+}
+
+/// Writes the RTP header the SFU sends (no CSRCs; at most the transport-wide sequence number,
+/// as a one-byte-header extension) into `buf`; returns its length.
+pub fn write_header(
+    buf: &mut Vec<u8>,
+    marker: bool,
+    pt: u8,
+    seq: u16,
+    ts: u32,
+    ssrc: u32,
+    twcc: Option<(u8, u16)>,
+) -> usize {
+    let start = buf.len();
+    buf.push(0x80 | if twcc.is_some() { 0x10 } else { 0 });
+    buf.push(u8::from(marker) << 7 | (pt & 0x7f));
+    buf.extend_from_slice(&seq.to_be_bytes());
+    buf.extend_from_slice(&ts.to_be_bytes());
+    buf.extend_from_slice(&ssrc.to_be_bytes());
+    if let Some((id, n)) = twcc {
+        // Profile 0xBEDE, one 32-bit word: id and length-1, two bytes, one byte of padding.
+        let [hi, lo] = n.to_be_bytes();
+        buf.extend_from_slice(&[0xBE, 0xDE, 0, 1, (id << 4) | 1, hi, lo, 0]);
+    }
+    buf.len() - start
+}
+
+/// Every 16-bit value, big-endian: the transport-wide sequence number extension's payload
+/// without an allocation per packet.
+static SEQ_BYTES: [u8; 131_072] = seq_table();
+
+const fn seq_table() -> [u8; 131_072] {
+    let mut t = [0u8; 131_072];
+    let mut i = 0;
+    while i < 65_536 {
+        t[2 * i] = (i >> 8) as u8;
+        t[2 * i + 1] = i as u8;
+        i += 1;
+    }
+    t
+}
+
+pub fn seq_bytes(seq: u16) -> Bytes {
+    let i = 2 * seq as usize;
+    Bytes::from_static(&SEQ_BYTES[i..i + 2])
+}
+
+/// How a subscriber connection's media gets protected.
+pub enum Seal {
+    /// Connected, but not yet known which key is ours.
+    Pending,
+    /// By the SFU, with the connection's own key: the fast path.
+    Own(Sealer),
+    /// Through rtc's pipeline (the probe found no key, or the fast path is switched off).
+    Rtc,
+}
+
+/// The send side of a subscriber connection.
+pub struct Outbound {
+    pub keys: KeyCapture,
+    pub seal: Seal,
+    /// Where the selected candidate pair sends (and whether over ICE-TCP), as rtc last sent.
+    pub dest: Option<(SocketAddr, bool)>,
+    pub cc: Congestion,
+    /// Reused for every packet: its extension list keeps its capacity.
+    pub header: rtc::rtp::header::Header,
+    pub wall: SystemInstant,
+}
+
+impl Outbound {
+    pub fn new(now: Instant, keys: KeyCapture, estimator: Published<Gcc>) -> Outbound {
+        Outbound {
+            keys,
+            seal: Seal::Pending,
+            dest: None,
+            cc: Congestion::new(estimator),
+            header: rtc::rtp::header::Header {
+                version: 2,
+                extensions: Vec::with_capacity(1),
+                ..Default::default()
+            },
+            wall: SystemInstant::now(now),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sent_ring_returns_only_the_sequence_asked_for() {
+        let kept = |seq: u16, what: &'static [u8]| Kept {
+            seq,
+            ts: 0,
+            marker: false,
+            payload: Bytes::from_static(what),
+        };
+        let mut r = SentRing::default();
+        r.push(kept(10, b"ten"));
+        r.push(kept(10 + SENT_RING as u16, b"later"));
+        assert!(r.get(10).is_none(), "overwritten by a later packet");
+        assert_eq!(
+            r.get(10 + SENT_RING as u16).map(|k| &k.payload[..]),
+            Some(&b"later"[..])
+        );
+        r.push(kept(65_535, b"wrap"));
+        assert_eq!(r.get(65_535).map(|k| &k.payload[..]), Some(&b"wrap"[..]));
+        assert!(r.get(11).is_none());
+    }
+
+    #[test]
+    fn seq_bytes_are_big_endian() {
+        assert_eq!(&seq_bytes(0x1234)[..], &[0x12, 0x34]);
+        assert_eq!(&seq_bytes(0)[..], &[0, 0]);
+        assert_eq!(&seq_bytes(u16::MAX)[..], &[0xff, 0xff]);
+    }
+
+    #[test]
+    fn written_headers_parse_back() {
+        use rtc::shared::marshal::Unmarshal;
+        for twcc in [None, Some((3u8, 0xABCDu16))] {
+            let mut buf = vec![9u8];
+            let n = write_header(&mut buf, true, 96, 65_000, 0xDEAD_BEEF, 42, twcc);
+            let h = rtc::rtp::header::Header::unmarshal(&mut &buf[1..]).unwrap();
+            assert_eq!(n, buf.len() - 1);
+            use rtc::shared::marshal::MarshalSize;
+            assert_eq!(h.marshal_size(), n);
+            assert_eq!(
+                (
+                    h.marker,
+                    h.payload_type,
+                    h.sequence_number,
+                    h.timestamp,
+                    h.ssrc
+                ),
+                (true, 96, 65_000, 0xDEAD_BEEF, 42)
+            );
+            let ext = twcc.and_then(|(id, _)| h.get_extension(id));
+            assert_eq!(ext.as_deref(), twcc.map(|_| &[0xAB, 0xCD][..]));
+        }
+    }
+
+    #[test]
+    fn demultiplexes_rtp_from_rtcp() {
+        let rtp = [0x80, 96, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1];
+        let rtcp = [0x80, 201, 0, 1, 0, 0, 0, 1];
+        assert!(is_rtp(&rtp) && !is_rtcp(&rtp));
+        assert!(is_rtcp(&rtcp) && !is_rtp(&rtcp));
+        assert!(!is_rtp(&[
+            0x00, 0x01, 0, 0, 0x21, 0x12, 0xA4, 0x42, 0, 0, 0, 0
+        ]));
+    }
+
+    #[test]
+    fn sender_report_extrapolates_the_timestamp() {
+        let t0 = Instant::now();
+        let wall = SystemInstant::now(t0);
+        let mut s = SendStats::default();
+        assert!(s.report(t0, 1, 90_000, &wall).is_none());
+        s.on_packet(t0, 1000, 100);
+        s.on_packet(t0 + Duration::from_millis(5), 1000, 100);
+        let sr = s
+            .report(t0 + Duration::from_millis(100), 7, 90_000, &wall)
+            .unwrap();
+        assert_eq!((sr.ssrc, sr.packet_count, sr.octet_count), (7, 2, 200));
+        assert_eq!(sr.rtp_time, 1000 + 9000);
+    }
+
+    #[test]
+    fn a_key_that_did_not_protect_the_probe_is_not_used() {
+        let provider = rtc::crypto::default_provider().unwrap();
+        let key = [7u8; 16];
+        let salt = [9u8; 12];
+        let mut theirs = Context::new(
+            &key,
+            &salt,
+            ProtectionProfile::AeadAes128Gcm,
+            None,
+            None,
+            provider.crypto(),
+        )
+        .unwrap();
+        let rr = [0x80, 201, 0, 1, 0, 0, 0, 1];
+        let srtcp = theirs.encrypt_rtcp(&rr).unwrap();
+        let mut block = [0u8; 16];
+        block[..12].copy_from_slice(&salt);
+        let wrong = KeyCapture::default();
+        wrong.0.lock().unwrap().push((vec![8u8; 16], block));
+        assert!(Sealer::find(&wrong, &srtcp).is_none());
+        let right = KeyCapture::default();
+        right.0.lock().unwrap().push((vec![8u8; 16], block));
+        right.0.lock().unwrap().push((key.to_vec(), block));
+        let found = Sealer::find(&right, &srtcp).expect("the second key protected it");
+        assert!(matches!(found.profile, ProtectionProfile::AeadAes128Gcm));
+        assert!(
+            right.candidates().is_empty(),
+            "keys are forgotten after the probe"
+        );
+    }
+}
