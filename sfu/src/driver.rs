@@ -253,6 +253,15 @@ async fn run(
                 if let Ok((n, from)) = r {
                     sfu.handle_datagram(Instant::now(), from, &buf[..n]);
                 }
+                // Whatever else has arrived is handled in this turn: one trip through the select
+                // (and its timer) per burst rather than per datagram.
+                for _ in 0..RECV_BATCH {
+                    let Ok((n, from)) = socket.try_recv_from(&mut buf) else {
+                        break;
+                    };
+                    send_all(&mut sfu, &socket, &tcp_writers, &mut send_drops);
+                    sfu.handle_datagram(Instant::now(), from, &buf[..n]);
+                }
             }
             accepted = async { listener.as_ref().expect("guarded by the if below").accept().await }, if listener.is_some() => {
                 // Connections are unauthenticated until their first STUN check: cap them.
@@ -300,21 +309,34 @@ async fn run(
             }
             _ = tokio::time::sleep_until(deadline.into()) => sfu.handle_timeout(Instant::now()),
         }
-        while let Some(t) = sfu.poll_transmit() {
-            // Never wait on a socket: a full buffer costs this packet, not everyone's.
-            let sent = if t.tcp {
-                tcp_writers
-                    .get(&t.to)
-                    .is_some_and(|w| w.try_send(t.data).is_ok())
-            } else {
-                socket.try_send_to(&t.data, t.to).is_ok()
-            };
-            if !sent {
-                send_drops += 1;
-            }
-        }
+        send_all(&mut sfu, &socket, &tcp_writers, &mut send_drops);
         while let Some(ev) = sfu.poll_event() {
             let _ = events.send(ev);
+        }
+    }
+}
+
+/// Datagrams read without going back to the select loop, after the one that woke it.
+const RECV_BATCH: usize = 64;
+
+/// Puts everything the SFU has to send on the wire. Never waits on a socket: a full buffer
+/// costs this packet, not everyone's.
+fn send_all(
+    sfu: &mut Sfu,
+    socket: &UdpSocket,
+    tcp_writers: &HashMap<SocketAddr, mpsc::Sender<Bytes>>,
+    send_drops: &mut u64,
+) {
+    while let Some(t) = sfu.poll_transmit() {
+        let sent = if t.tcp {
+            tcp_writers
+                .get(&t.to)
+                .is_some_and(|w| w.try_send(t.data).is_ok())
+        } else {
+            socket.try_send_to(&t.data, t.to).is_ok()
+        };
+        if !sent {
+            *send_drops += 1;
         }
     }
 }
