@@ -90,7 +90,7 @@ async fn media_metrics(state: &AppState) -> String {
     let (rooms, participants, tracks) = state.rooms.counts();
     let snap = state.rooms.sfu().snapshot().await;
     let s = snap.stats;
-    let rows: [(&str, &str, &str, u64); 14] = [
+    let rows: [(&str, &str, &str, u64); 17] = [
         ("dangjian_rooms", "gauge", "Live rooms", rooms as u64),
         (
             "dangjian_participants",
@@ -157,6 +157,24 @@ async fn media_metrics(state: &AppState) -> String {
             "counter",
             "Packets subscribers asked for again (NACK), answered from the send history",
             s.nacks_received,
+        ),
+        (
+            "dangjian_sfu_retransmitted_total",
+            "counter",
+            "Lost packets resent to subscribers (RTX)",
+            s.retransmitted,
+        ),
+        (
+            "dangjian_sfu_fast_path_connections_total",
+            "counter",
+            "Subscriber connections whose media the SFU protects itself",
+            s.fast_path_connections,
+        ),
+        (
+            "dangjian_sfu_rtc_path_connections_total",
+            "counter",
+            "Subscriber connections that send media through the WebRTC engine's pipeline (no key matched)",
+            s.rtc_path_connections,
         ),
         (
             "dangjian_sfu_plis_total",

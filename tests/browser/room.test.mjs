@@ -71,6 +71,12 @@ test('two members see each other, a third comes and goes', async () => {
     return packets;
   });
   assert.ok(audio > 0, 'alice receives bob\'s audio');
+  // The server protected that media itself (its forwarding fast path found Chromium's SRTP key),
+  // rather than falling back to the WebRTC engine's send pipeline.
+  const metrics = await (await fetch(`${server.url}/metrics`)).text();
+  const counter = (name) => Number(metrics.match(new RegExp(`^${name} (\\d+)$`, 'm'))?.[1]);
+  assert.ok(counter('dangjian_sfu_fast_path_connections_total') >= 2, metrics);
+  assert.equal(counter('dangjian_sfu_rtc_path_connections_total'), 0);
   // Chromium's fake microphone beeps: the server names bob as a speaker, and his tile lights up.
   await waitFor('alice told that bob speaks', () => a.page.evaluate(() => window.__room.speakersSeen.has('bob')));
 
