@@ -1003,10 +1003,18 @@ impl Sfu {
             },
             message,
         };
+        // A connectivity check from somewhere other than where its media goes: the client may
+        // have moved (ICE picks the new pair). Media follows rtc's own datagrams, so ask for one.
+        let moved = p.out.as_ref().is_some_and(|o| {
+            matches!(o.seal, Seal::Own(_)) && o.dest != Some((from, tcp)) && is_stun(data)
+        });
         if p.pc.handle_read(msg).is_err() {
             self.stats.dropped_unknown += 1;
         }
         self.drain(now, peer);
+        if moved {
+            self.probe(now, peer);
+        }
     }
 
     pub fn poll_timeout(&mut self) -> Option<Instant> {
@@ -1158,6 +1166,26 @@ impl Sfu {
             out.seal = Seal::Rtc;
             out.keys = Default::default();
         }
+        self.probe(now, peer);
+        let Some(out) = self.peers.get_mut(&peer).and_then(|p| p.out.as_mut()) else {
+            return;
+        };
+        if matches!(out.seal, Seal::Pending) {
+            tracing::warn!(?peer, "no SRTP key matched the probe: sending through rtc");
+            out.seal = Seal::Rtc;
+        }
+        match out.seal {
+            Seal::Own(_) => self.stats.fast_path_connections += 1,
+            _ => self.stats.rtc_path_connections += 1,
+        }
+    }
+
+    /// Has rtc protect and send an empty receiver report on a subscriber's connection. What it
+    /// sends shows which key is ours (at the start) and where the selected pair sends now.
+    fn probe(&mut self, now: Instant, peer: PeerId) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
         let ssrc = p
             .consumers
             .values()
@@ -1172,17 +1200,6 @@ impl Sfu {
             message: RTCMessage::RtcpPacket(String::new(), vec![Box::new(probe)]),
         });
         self.drain_writes(peer);
-        let Some(out) = self.peers.get_mut(&peer).and_then(|p| p.out.as_mut()) else {
-            return;
-        };
-        if matches!(out.seal, Seal::Pending) {
-            tracing::warn!(?peer, "no SRTP key matched the probe: sending through rtc");
-            out.seal = Seal::Rtc;
-        }
-        match out.seal {
-            Seal::Own(_) => self.stats.fast_path_connections += 1,
-            _ => self.stats.rtc_path_connections += 1,
-        }
     }
 
     /// Everything a peer has to say after an input: events first (so tracks exist before their
@@ -1512,6 +1529,11 @@ fn queue_transmit<'a>(
         data: m.message.freeze(),
     });
     &transmits[transmits.len() - 1]
+}
+
+/// RFC 7983: STUN messages start with 0 or 1.
+fn is_stun(datagram: &[u8]) -> bool {
+    datagram.len() >= 20 && datagram[0] < 2
 }
 
 /// Learns from what rtc sends on a subscriber's connection: where the selected pair sends
