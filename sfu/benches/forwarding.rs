@@ -4,8 +4,10 @@
 //! to one [`Sfu`] through ICE, DTLS and the offer/answer exchange over an in-memory network with
 //! a virtual clock (the approach of `tests/forwarding.rs`). Timed: one real, already encrypted
 //! 1,100-byte publisher SRTP datagram into `Sfu::handle_datagram`, then every datagram out of
-//! `Sfu::poll_transmit` (decrypt, rewrite, N × `write_rtp` + encrypt). The subscribers' datagrams
-//! are counted and dropped.
+//! `Sfu::poll_transmit` (decrypt, rewrite, N × protect with the subscriber's SRTP key, TWCC
+//! number, RTX history). The subscribers' datagrams are counted and dropped.
+//! `FORWARDING_BENCH_RTC_PATH=1` sends through rtc's pipeline instead (`write` + interceptors +
+//! its SRTP), as before the fast path.
 //!
 //! SRTP replay protection forbids feeding a datagram twice, so each batch (`iter_custom`) is fed
 //! freshly written packets that continue the publisher's sequence; between batches the virtual
@@ -13,6 +15,10 @@
 //!
 //! Run: `cargo bench -p sfu --bench forwarding -- --warm-up-time 1 --measurement-time 3`.
 //! Prints a summary: time per forwarded packet ÷ bare SRTP protect of the negotiated profile.
+
+fn rtc_path() -> bool {
+    std::env::var_os("FORWARDING_BENCH_RTC_PATH").is_some_and(|v| v != "0")
+}
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -71,11 +77,15 @@ impl Net {
         Net {
             now: Instant::now(),
             sfu_addr,
-            sfu: Sfu::new(SfuConfig {
-                advertised: sfu_addr,
-                advertised_tcp: None,
-            })
-            .unwrap(),
+            sfu: {
+                let mut sfu = Sfu::new(SfuConfig {
+                    advertised: sfu_addr,
+                    advertised_tcp: None,
+                })
+                .unwrap();
+                sfu.set_fast_path(!rtc_path());
+                sfu
+            },
             clients: Vec::new(),
             events: Vec::new(),
             sender: None,
@@ -462,7 +472,14 @@ fn main() {
     srtp_protect(&mut c, &means, &name);
     c.final_summary();
 
-    println!("\nsummary (means over warm-up and measurement)");
+    println!(
+        "\nsummary (means over warm-up and measurement; {})",
+        if rtc_path() {
+            "through rtc's send pipeline"
+        } else {
+            "forwarding fast path"
+        }
+    );
     let cipher = mean_ns(&means, "srtp/negotiated");
     println!(
         "  bare SRTP protect, negotiated profile {name}: {}",

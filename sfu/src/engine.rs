@@ -10,14 +10,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rtc::interceptor::{
-    Attribute, BandwidthEstimator, CongestionControlBuilder, EstimatorStats, Gcc, Interceptor,
-    Packet, PacketReport, Slot, StreamInfo, TaggedPacket,
+    Attribute, BandwidthEstimator, EstimatorStats, Gcc, Interceptor, NackGeneratorBuilder, Packet,
+    PacketReport, ReceiverReportBuilder, Slot, StreamInfo, TaggedPacket,
 };
 use rtc::peer_connection::certificate::{CertificateParams, RTCCertificate};
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::peer_connection::configuration::interceptor_registry::{
-    Registry, configure_simulcast_extension_headers, configure_twcc_sender_only,
-    register_default_interceptors,
+    Registry, configure_simulcast_extension_headers, configure_twcc_receiver_only,
+    configure_twcc_sender_only, register_default_interceptors,
 };
 use rtc::peer_connection::configuration::media_engine::{
     MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_RTX, MIME_TYPE_VP8, MediaEngine,
@@ -240,14 +240,7 @@ pub fn server_peer_connection(
         // at the default 200 ms that was most of a viewer's join time.
         .with_ice_connection_attempts(Some(ICE_CHECK_INTERVAL), None);
     let (registry, outbound) = if receives_media {
-        // Send-side bandwidth estimation from the browser's transport-wide feedback (TWCC),
-        // without the engine's pacer (unused here: a publisher's connection sends no media).
-        let registry = register_default_interceptors(registry, &mut me)?;
-        let registry = configure_twcc_sender_only(registry, &mut me)?.with(
-            Slot::CongestionControl,
-            CongestionControlBuilder::new(estimator).build(),
-        );
-        (registry, None)
+        (receive_side_interceptors(registry, &mut me)?, None)
     } else {
         // The SFU sends a subscriber's media itself (see `fastpath`): the chain only delivers
         // the feedback, and the connection's crypto provider lets the SFU find its SRTP key.
@@ -291,10 +284,22 @@ pub fn estimator() -> (Published<Gcc>, EstimateHandle) {
     (estimator, estimate)
 }
 
-/// What a subscriber's connection offers in SDP for the media the SFU sends on it: NACK and
-/// PLI feedback, the simulcast extensions (as the default interceptors do) and transport-wide
-/// congestion control. The interceptors that come with them are not used.
-fn negotiate_send_side(me: &mut MediaEngine) -> Result<(), EngineError> {
+/// What [`register_default_interceptors`] offers in SDP (NACK, PLI, simulcast extensions,
+/// transport-cc), with only the interceptors that act on media we receive: the NACK generator,
+/// the TWCC receiver (the browser's own bandwidth estimate depends on its feedback) and receiver
+/// reports. Every incoming packet walks the chain; the send-side ones would only pass it on.
+fn receive_side_interceptors(
+    registry: Registry,
+    me: &mut MediaEngine,
+) -> Result<Registry, EngineError> {
+    register_nack_feedback(me);
+    configure_simulcast_extension_headers(me)?;
+    Ok(configure_twcc_receiver_only(registry, me)?
+        .with(Slot::NackGenerator, NackGeneratorBuilder::new().build())
+        .with(Slot::ReceiverReport, ReceiverReportBuilder::new().build()))
+}
+
+fn register_nack_feedback(me: &mut MediaEngine) {
     for parameter in ["", "pli"] {
         me.register_feedback(
             RTCPFeedback {
@@ -304,6 +309,13 @@ fn negotiate_send_side(me: &mut MediaEngine) -> Result<(), EngineError> {
             RtpCodecKind::Video,
         );
     }
+}
+
+/// What a subscriber's connection offers in SDP for the media the SFU sends on it: NACK and
+/// PLI feedback, the simulcast extensions (as the default interceptors do) and transport-wide
+/// congestion control. The interceptors that come with them are not used.
+fn negotiate_send_side(me: &mut MediaEngine) -> Result<(), EngineError> {
+    register_nack_feedback(me);
     configure_simulcast_extension_headers(me)?;
     let _ = configure_twcc_sender_only(Registry::new(), me)?;
     Ok(())
@@ -385,8 +397,9 @@ pub fn host_candidate(addr: SocketAddr, tcp: bool) -> Result<RTCIceCandidateInit
     RTCIceCandidate::from(&candidate).to_json()
 }
 
-/// A browser-like peer (full ICE, the default codecs and interceptors: NACK, RTX, reports) with
-/// one UDP host candidate at `addr`: for Rust test clients and tools, not the server.
+/// A browser-like peer (full ICE, the default codecs and interceptors: NACK, RTX, reports; and,
+/// like a browser, transport-wide sequence numbers on what it sends) with one UDP host candidate
+/// at `addr`: for Rust test clients and tools, not the server.
 pub fn client_peer_connection(
     now: Instant,
     addr: SocketAddr,
@@ -395,6 +408,7 @@ pub fn client_peer_connection(
     me.register_default_codecs()?;
     let registry = Registry::new().with(Slot::from(14_000), DeliverRtcpFeedback::default());
     let registry = register_default_interceptors(registry, &mut me)?;
+    let registry = configure_twcc_sender_only(registry, &mut me)?;
     let mut pc = RTCPeerConnectionBuilder::new()
         .with_configuration(RTCConfigurationBuilder::new().build())
         .with_media_engine(me)

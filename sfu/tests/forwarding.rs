@@ -15,6 +15,8 @@ use rtc::peer_connection::sdp::RTCSessionDescription;
 use rtc::peer_connection::state::RTCPeerConnectionState;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::sender_report::SenderReport;
+use rtc::rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc;
+use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::RTCRtpReceiverId;
 use rtc::rtp_transceiver::RTCRtpSenderId;
 use rtc::rtp_transceiver::rtp_sender::{
@@ -96,6 +98,9 @@ struct Client {
     plis: Vec<(Instant, u32)>,
     /// (SSRC, packet count) of each sender report it received.
     srs: Vec<(u32, u32)>,
+    /// Transport-wide feedback packets and NACKed sequence numbers it received.
+    twcc_feedback: usize,
+    nacked: Vec<u16>,
     /// Every SubscriberOffer it answered: (tracks, sdp).
     offers: Vec<Offer>,
 }
@@ -180,6 +185,8 @@ impl Net {
             rtp: Vec::new(),
             plis: Vec::new(),
             srs: Vec::new(),
+            twcc_feedback: 0,
+            nacked: Vec::new(),
             offers: Vec::new(),
         });
         self.clients.len() - 1
@@ -415,6 +422,13 @@ impl Net {
                         }
                         if let Some(sr) = p.as_any().downcast_ref::<SenderReport>() {
                             cl.srs.push((sr.ssrc, sr.packet_count));
+                        }
+                        if p.as_any().is::<TransportLayerCc>() {
+                            cl.twcc_feedback += 1;
+                        }
+                        if let Some(n) = p.as_any().downcast_ref::<TransportLayerNack>() {
+                            cl.nacked
+                                .extend(n.nacks.iter().flat_map(|p| p.packet_list()));
                         }
                     }
                 }
@@ -1074,4 +1088,40 @@ fn vanished_subscriber_does_not_stall_others() {
         net.discarded > 0,
         "the network discarded what the SFU sent carol"
     );
+}
+
+/// The publisher's leg: the SFU asks again for what it lost (NACK) and tells the publisher's
+/// bandwidth estimator what arrived when (TWCC feedback); the subscribers get every packet.
+#[test]
+fn publisher_gets_nacks_and_transport_feedback() {
+    let mut net = Net::new();
+    let room = Net::room();
+    let bob = net.subscriber(&room, "bob");
+    let alice = net.publisher(&room, "alice");
+    let (video, audio) = net.start_publishing(alice);
+    net.wait_subscribed(bob, &[video, audio]);
+    net.stream(alice, 20, 20, "warm");
+
+    let sfu_addr = net.sfu_addr;
+    net.lose = Some((sfu_addr, PUB_VIDEO_SSRC, 3));
+    let (v, _) = net.stream(alice, 60, 60, "main");
+    net.run_for(Duration::from_secs(1));
+    assert_eq!(net.lose.unwrap().2, 0, "three publisher packets were lost");
+    let pub_client = &net.clients[alice];
+    assert!(
+        pub_client.nacked.len() >= 3,
+        "the SFU asked for the lost packets: {:?}",
+        pub_client.nacked
+    );
+    assert!(pub_client.twcc_feedback > 0, "no transport-wide feedback");
+    let mut got: Vec<Bytes> = net.clients[bob]
+        .received(video, "main")
+        .iter()
+        .map(|r| r.payload.clone())
+        .collect();
+    got.sort();
+    got.dedup();
+    let mut want = v;
+    want.sort();
+    assert_eq!(got, want, "the publisher's repairs reached the subscriber");
 }
