@@ -9,8 +9,11 @@
 //!
 //! Main types: [`core::Sfu`] (the sans-IO state machine: peers, producers, consumers, routers),
 //! [`driver::SfuHandle`] (what signaling holds: commands in, [`core::SfuEvent`]s out), and
-//! [`engine`] (how a server-side `rtc` peer connection is built). Datagrams reach a peer by the ICE
-//! ufrag of their first STUN check, then by source address.
+//! [`engine`] (how a server-side `rtc` peer connection is built), and [`fastpath`] (the send side
+//! the core runs itself: forwarded media is protected with the subscriber connection's own SRTP
+//! key, numbered for TWCC, kept for RTX and reported in sender reports, instead of walking `rtc`'s
+//! send pipeline). Datagrams reach a peer by the ICE ufrag of their first STUN check, then by
+//! source address.
 
 pub mod core;
 pub mod driver;
