@@ -32,12 +32,11 @@ use rtc::rtp_transceiver::{
     RTCRtpTransceiverInit,
 };
 use rtc::sansio::Protocol;
-use rtc::shared::marshal::MarshalSize;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 
 use crate::RouterId;
 use crate::engine;
-use crate::fastpath::{self, Kept, Outbound, Seal, Sealer, SendStats, SentRing};
+use crate::fastpath::{self, Kept, Outbound, Rollover, Seal, Sealer, SendStats, SentRing};
 use crate::forwarder::{self, Forwarder, Layer, LayerState, Verdict};
 
 /// Keyframe requests for one layer are sent at most this often; one asked for sooner is sent
@@ -193,6 +192,9 @@ struct Consumer {
     sent: Option<SentRing>,
     rtx: Option<(u32, u8)>,
     rtx_seq: u16,
+    /// SRTP rollover counters of the stream and its RTX stream.
+    roc: Rollover,
+    rtx_roc: Rollover,
     /// For sender reports.
     send_stats: SendStats,
 }
@@ -346,10 +348,20 @@ pub struct Sfu {
     /// When the earliest deferred keyframe request is due.
     next_pli: Option<Instant>,
     /// Where each forwarded packet is marshalled before it is protected.
-    scratch: Vec<u8>,
+    bufs: SendBufs,
     /// Protect forwarded media with the connection's own key (else through rtc's pipeline).
     fast_path: bool,
 }
+
+/// Where forwarded packets are built: the send arena they are protected in place in, and a
+/// scratch buffer for profiles that rtc's context protects.
+struct SendBufs {
+    scratch: Vec<u8>,
+    tx: BytesMut,
+}
+
+/// Size of each chunk of the send arena: one allocation serves dozens of datagrams.
+const TX_ARENA: usize = 64 * 1024;
 
 /// Size of the receive arena that incoming datagrams are copied into.
 const RX_ARENA: usize = 64 * 1024;
@@ -378,7 +390,10 @@ impl Sfu {
             timers: BTreeSet::new(),
             dirty: Vec::new(),
             next_pli: None,
-            scratch: Vec::with_capacity(1500),
+            bufs: SendBufs {
+                scratch: Vec::with_capacity(1500),
+                tx: BytesMut::with_capacity(TX_ARENA),
+            },
             fast_path: true,
         })
     }
@@ -903,6 +918,8 @@ impl Sfu {
                 sent: (kind == MediaKind::Video).then(SentRing::default),
                 rtx: None,
                 rtx_seq: rand::random(),
+                roc: Rollover::default(),
+                rtx_roc: Rollover::default(),
                 send_stats: SendStats::default(),
             },
         );
@@ -1174,8 +1191,11 @@ impl Sfu {
             tracing::warn!(?peer, "no SRTP key matched the probe: sending through rtc");
             out.seal = Seal::Rtc;
         }
-        match out.seal {
-            Seal::Own(_) => self.stats.fast_path_connections += 1,
+        match &out.seal {
+            Seal::Own(sealer) => {
+                tracing::debug!(?peer, profile = ?sealer.profile, in_place = sealer.in_place(), "fast path");
+                self.stats.fast_path_connections += 1;
+            }
             _ => self.stats.rtc_path_connections += 1,
         }
     }
@@ -1257,7 +1277,7 @@ impl Sfu {
                         out,
                         &mut p.consumers,
                         nack,
-                        &mut self.scratch,
+                        &mut self.bufs,
                         &mut self.transmits,
                         &mut self.stats,
                     );
@@ -1493,6 +1513,7 @@ impl Sfu {
                 ts,
                 ssrc,
                 osn: None,
+                roc: c.roc.roc(seq),
                 payload: &pkt.payload,
             };
             let sent = send_media(
@@ -1501,7 +1522,7 @@ impl Sfu {
                 out,
                 c,
                 &media,
-                &mut self.scratch,
+                &mut self.bufs,
                 &mut self.transmits,
                 &mut self.stats,
             );
@@ -1563,7 +1584,7 @@ fn resend(
     out: &mut Outbound,
     consumers: &mut HashMap<ProducerId, Consumer>,
     nack: &TransportLayerNack,
-    scratch: &mut Vec<u8>,
+    bufs: &mut SendBufs,
     transmits: &mut VecDeque<Transmit>,
     stats: &mut SfuStats,
 ) {
@@ -1588,9 +1609,10 @@ fn resend(
                 ts: k.ts,
                 ssrc: rtx_ssrc,
                 osn: Some(seq),
+                roc: c.rtx_roc.roc(c.rtx_seq),
                 payload: &k.payload,
             };
-            if emit(now, pc, out, &packet, scratch, transmits, stats) {
+            if emit(now, pc, out, &packet, bufs, transmits, stats) {
                 c.rtx_seq = c.rtx_seq.wrapping_add(1);
                 stats.retransmitted += 1;
             }
@@ -1607,6 +1629,8 @@ struct Media<'a> {
     ssrc: u32,
     /// RTX: the original sequence number, which goes before the payload.
     osn: Option<u16>,
+    /// The SRTP rollover counter of `seq`.
+    roc: u32,
     payload: &'a Bytes,
 }
 
@@ -1619,11 +1643,11 @@ fn send_media(
     out: &mut Outbound,
     c: &mut Consumer,
     m: &Media<'_>,
-    scratch: &mut Vec<u8>,
+    bufs: &mut SendBufs,
     transmits: &mut VecDeque<Transmit>,
     stats: &mut SfuStats,
 ) -> bool {
-    if !emit(now, pc, out, m, scratch, transmits, stats) {
+    if !emit(now, pc, out, m, bufs, transmits, stats) {
         return false;
     }
     if let Some(ring) = c.sent.as_mut() {
@@ -1645,41 +1669,47 @@ fn emit(
     pc: &mut RTCPeerConnection,
     out: &mut Outbound,
     m: &Media<'_>,
-    scratch: &mut Vec<u8>,
+    bufs: &mut SendBufs,
     transmits: &mut VecDeque<Transmit>,
     stats: &mut SfuStats,
 ) -> bool {
     let twcc = out.cc.number();
-    let h = &mut out.header;
-    h.marker = m.marker;
-    h.payload_type = m.pt;
-    h.sequence_number = m.seq;
-    h.timestamp = m.ts;
-    h.ssrc = m.ssrc;
-    h.extensions.clear();
-    h.extension = twcc.is_some();
-    h.extension_profile = if twcc.is_some() { 0xBEDE } else { 0 };
-    if let Some((id, tseq)) = twcc {
-        h.extensions.push(rtc::rtp::header::Extension {
-            id,
-            payload: fastpath::seq_bytes(tseq),
-        });
-    }
     let osn = m.osn.map(u16::to_be_bytes);
     let osn: &[u8] = osn.as_ref().map_or(&[], |b| &b[..]);
-    let size = h.marshal_size() + osn.len() + m.payload.len();
+    let header_len = if twcc.is_some() { 20 } else { 12 };
+    let size = header_len + osn.len() + m.payload.len();
     match &mut out.seal {
         Seal::Pending => return false,
         Seal::Own(sealer) => {
             let Some((to, tcp)) = out.dest else {
                 return false;
             };
-            scratch.clear();
-            fastpath::write_header(scratch, m.marker, m.pt, m.seq, m.ts, m.ssrc, twcc);
-            scratch.extend_from_slice(osn);
-            scratch.extend_from_slice(m.payload);
-            let Ok(data) = sealer.seal(scratch, h) else {
-                return false;
+            let data = if sealer.in_place() {
+                let tx = &mut bufs.tx;
+                if tx.capacity() < size + fastpath::GCM_TAG {
+                    tx.reserve(TX_ARENA);
+                }
+                fastpath::write_header(tx, m.marker, m.pt, m.seq, m.ts, m.ssrc, twcc);
+                tx.extend_from_slice(osn);
+                tx.extend_from_slice(m.payload);
+                if sealer
+                    .seal_in_place(tx, header_len, m.ssrc, m.seq, m.roc)
+                    .is_err()
+                {
+                    tx.clear();
+                    return false;
+                }
+                tx.split().freeze()
+            } else {
+                let scratch = &mut bufs.scratch;
+                scratch.clear();
+                fastpath::write_header(scratch, m.marker, m.pt, m.seq, m.ts, m.ssrc, twcc);
+                scratch.extend_from_slice(osn);
+                scratch.extend_from_slice(m.payload);
+                let Ok(data) = sealer.seal(scratch, fill_header(&mut out.header, m, twcc)) else {
+                    return false;
+                };
+                data
             };
             stats.datagrams_out += 1;
             stats.bytes_out += data.len() as u64;
@@ -1692,7 +1722,7 @@ fn emit(
                 Bytes::from([osn, &m.payload[..]].concat())
             };
             let packet = rtc::rtp::Packet {
-                header: h.clone(),
+                header: fill_header(&mut out.header, m, twcc).clone(),
                 payload,
             };
             let msg = TaggedRTCMessage {
@@ -1711,6 +1741,29 @@ fn emit(
         out.cc.sent(m.ssrc, m.seq, size, now);
     }
     true
+}
+
+/// The packet's header as rtc's types have it (for the paths through rtc's SRTP).
+fn fill_header<'h>(
+    h: &'h mut rtc::rtp::header::Header,
+    m: &Media<'_>,
+    twcc: Option<(u8, u16)>,
+) -> &'h rtc::rtp::header::Header {
+    h.marker = m.marker;
+    h.payload_type = m.pt;
+    h.sequence_number = m.seq;
+    h.timestamp = m.ts;
+    h.ssrc = m.ssrc;
+    h.extensions.clear();
+    h.extension = twcc.is_some();
+    h.extension_profile = if twcc.is_some() { 0xBEDE } else { 0 };
+    if let Some((id, tseq)) = twcc {
+        h.extensions.push(rtc::rtp::header::Extension {
+            id,
+            payload: fastpath::seq_bytes(tseq),
+        });
+    }
+    h
 }
 
 /// The negotiated id of the transport-wide sequence number extension on a sender's m-section.

@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use rtc::crypto::{
     ActiveKeyExchange, AeadAlgorithm, AeadCipher, BlockCipherAlgorithm, CbcAlgorithm, CbcCipher,
     CryptoAlgorithm, CryptoError, HashAlgorithm, HmacAlgorithm, KeyExchangeAlgorithm, Mac,
@@ -192,15 +192,33 @@ const PROFILES: [ProtectionProfile; 3] = [
     ProtectionProfile::Aes128CmHmacSha1_80,
 ];
 
-/// The connection's outbound SRTP context, owned by the SFU.
+/// The connection's outbound SRTP protection, owned by the SFU.
 pub struct Sealer {
-    ctx: Context,
     pub profile: ProtectionProfile,
+    how: How,
 }
+
+enum How {
+    /// AES-128-GCM (what browsers and rtc negotiate), sealed in place in the SFU's own send
+    /// buffer: no copy, no allocation, no lookup per packet.
+    Gcm {
+        aead: Box<dyn AeadCipher>,
+        salt: [u8; 12],
+    },
+    /// Any other profile, through rtc's SRTP context (it copies and allocates).
+    Context(Context),
+}
+
+/// RFC 3711 key derivation labels.
+const LABEL_SRTP_ENCRYPTION: u8 = 0;
+const LABEL_SRTP_SALT: u8 = 2;
+
+/// Length of the AES-GCM tag after each protected packet.
+pub const GCM_TAG: usize = 16;
 
 impl Sealer {
     /// The captured key and profile under which `srtcp` (a datagram rtc protected on this
-    /// connection) authenticates, as a fresh context for protecting RTP.
+    /// connection) authenticates, ready to protect RTP.
     pub fn find(keys: &KeyCapture, srtcp: &[u8]) -> Option<Sealer> {
         let provider = rtc::crypto::default_provider().ok()?;
         let crypto = provider.crypto();
@@ -212,23 +230,116 @@ impl Sealer {
                 let salt = &block[..profile.salt_len()];
                 let mut probe = Context::new(&key, salt, profile, None, None, crypto).ok()?;
                 probe.decrypt_rtcp(srtcp).ok()?;
-                let ctx = Context::new(&key, salt, profile, None, None, crypto).ok()?;
-                Some(Sealer { ctx, profile })
+                Sealer::new(&key, salt, profile, crypto)
             })
         });
         keys.clear();
         found
     }
 
-    /// Protects one marshalled RTP packet (`packet` starts with `header`).
+    fn new(
+        key: &[u8],
+        salt: &[u8],
+        profile: ProtectionProfile,
+        crypto: &dyn RTCCrypto,
+    ) -> Option<Sealer> {
+        let how = if matches!(profile, ProtectionProfile::AeadAes128Gcm) && key.len() == 16 {
+            let session_key = derive(crypto, key, salt, LABEL_SRTP_ENCRYPTION)?;
+            let session_salt = derive(crypto, key, salt, LABEL_SRTP_SALT)?;
+            let aead = crypto
+                .new_aead(AeadAlgorithm::Aes128Gcm, &session_key)
+                .ok()?;
+            let mut salt = [0u8; 12];
+            salt.copy_from_slice(&session_salt[..12]);
+            How::Gcm { aead, salt }
+        } else {
+            How::Context(Context::new(key, salt, profile, None, None, crypto).ok()?)
+        };
+        Some(Sealer { profile, how })
+    }
+
+    /// Whether [`Sealer::seal_in_place`] works (else [`Sealer::seal`]).
+    pub fn in_place(&self) -> bool {
+        matches!(self.how, How::Gcm { .. })
+    }
+
+    /// Protects the RTP packet that `buf` holds (its first `header_len` bytes are the header,
+    /// authenticated; the rest is encrypted), appending the tag. `roc`: the rollover counter of
+    /// the packet's sequence number (RFC 7714 §8.1).
+    pub fn seal_in_place(
+        &mut self,
+        buf: &mut BytesMut,
+        header_len: usize,
+        ssrc: u32,
+        seq: u16,
+        roc: u32,
+    ) -> Result<(), CryptoError> {
+        let How::Gcm { aead, salt } = &mut self.how else {
+            // The other profiles go through rtc's context (`seal`).
+            return Err(CryptoError::UnsupportedAlgorithm(CryptoAlgorithm::Aead(
+                AeadAlgorithm::Aes128Gcm,
+            )));
+        };
+        let mut nonce = [0u8; 12];
+        nonce[2..6].copy_from_slice(&ssrc.to_be_bytes());
+        nonce[6..10].copy_from_slice(&roc.to_be_bytes());
+        nonce[10..12].copy_from_slice(&seq.to_be_bytes());
+        for (n, s) in nonce.iter_mut().zip(salt.iter()) {
+            *n ^= s;
+        }
+        buf.extend_from_slice(&[0u8; GCM_TAG]);
+        let (aad, rest) = buf.split_at_mut(header_len);
+        let (body, tag) = rest.split_at_mut(rest.len() - GCM_TAG);
+        aead.seal_in_place(&nonce, aad, body, tag)
+    }
+
+    /// Protects one marshalled RTP packet (`packet` starts with `header`) through rtc's context.
     pub fn seal(
         &mut self,
         packet: &[u8],
         header: &rtc::rtp::header::Header,
     ) -> Result<Bytes, rtc::shared::error::Error> {
-        self.ctx
-            .encrypt_rtp_with_header(packet, header)
-            .map(|b| b.freeze())
+        match &mut self.how {
+            How::Context(ctx) => ctx
+                .encrypt_rtp_with_header(packet, header)
+                .map(|b| b.freeze()),
+            How::Gcm { .. } => Err(rtc::shared::error::Error::Other(
+                "this profile seals in place".into(),
+            )),
+        }
+    }
+}
+
+/// One AES-128 session key or salt from the master key (RFC 3711 §4.3.3, key derivation rate 0):
+/// AES of the master salt with the label in byte 7.
+fn derive(crypto: &dyn RTCCrypto, key: &[u8], salt: &[u8], label: u8) -> Option<[u8; 16]> {
+    let mut block = [0u8; 16];
+    block.get_mut(..salt.len())?.copy_from_slice(salt);
+    block[7] ^= label;
+    crypto
+        .block_encrypt(BlockCipherAlgorithm::Aes128, key, &mut block)
+        .ok()?;
+    Some(block)
+}
+
+/// The sender's view of one SSRC's SRTP packet index: the rollover counter of each sequence
+/// number, as the receiver will estimate it (the extension nearest the highest seen).
+#[derive(Default)]
+pub struct Rollover(Option<u64>);
+
+impl Rollover {
+    pub fn roc(&mut self, seq: u16) -> u32 {
+        let ext = match self.0 {
+            None => u64::from(seq),
+            Some(last) => {
+                let back = i64::from(seq.wrapping_sub(last as u16) as i16);
+                (last as i64 + back).max(0) as u64
+            }
+        };
+        if self.0.is_none_or(|last| ext > last) {
+            self.0 = Some(ext);
+        }
+        (ext >> 16) as u32
     }
 }
 
@@ -457,7 +568,7 @@ impl Congestion {
 /// Writes the RTP header the SFU sends (no CSRCs; at most the transport-wide sequence number,
 /// as a one-byte-header extension) into `buf`; returns its length.
 pub fn write_header(
-    buf: &mut Vec<u8>,
+    buf: &mut impl BufMut,
     marker: bool,
     pt: u8,
     seq: u16,
@@ -465,18 +576,18 @@ pub fn write_header(
     ssrc: u32,
     twcc: Option<(u8, u16)>,
 ) -> usize {
-    let start = buf.len();
-    buf.push(0x80 | if twcc.is_some() { 0x10 } else { 0 });
-    buf.push(u8::from(marker) << 7 | (pt & 0x7f));
-    buf.extend_from_slice(&seq.to_be_bytes());
-    buf.extend_from_slice(&ts.to_be_bytes());
-    buf.extend_from_slice(&ssrc.to_be_bytes());
-    if let Some((id, n)) = twcc {
-        // Profile 0xBEDE, one 32-bit word: id and length-1, two bytes, one byte of padding.
-        let [hi, lo] = n.to_be_bytes();
-        buf.extend_from_slice(&[0xBE, 0xDE, 0, 1, (id << 4) | 1, hi, lo, 0]);
-    }
-    buf.len() - start
+    buf.put_u8(0x80 | if twcc.is_some() { 0x10 } else { 0 });
+    buf.put_u8(u8::from(marker) << 7 | (pt & 0x7f));
+    buf.put_u16(seq);
+    buf.put_u32(ts);
+    buf.put_u32(ssrc);
+    let Some((id, n)) = twcc else {
+        return 12;
+    };
+    // Profile 0xBEDE, one 32-bit word: id and length-1, two bytes, one byte of padding.
+    let [hi, lo] = n.to_be_bytes();
+    buf.put_slice(&[0xBE, 0xDE, 0, 1, (id << 4) | 1, hi, lo, 0]);
+    20
 }
 
 /// Every 16-bit value, big-endian: the transport-wide sequence number extension's payload
@@ -568,6 +679,52 @@ mod tests {
         assert_eq!(&seq_bytes(0x1234)[..], &[0x12, 0x34]);
         assert_eq!(&seq_bytes(0)[..], &[0, 0]);
         assert_eq!(&seq_bytes(u16::MAX)[..], &[0xff, 0xff]);
+    }
+
+    /// The in-place sealer and rtc's SRTP context turn the same packets (across a sequence
+    /// number wrap, with and without the TWCC extension) into the same bytes: the receiver
+    /// cannot tell them apart.
+    #[test]
+    fn in_place_gcm_equals_rtcs_srtp() {
+        use rtc::shared::marshal::Unmarshal;
+        let provider = rtc::crypto::default_provider().unwrap();
+        let crypto = provider.crypto();
+        let (key, salt) = ([0x11u8; 16], [0x22u8; 12]);
+        let profile = ProtectionProfile::AeadAes128Gcm;
+        let mut ours = Sealer::new(&key, &salt, profile, crypto).unwrap();
+        assert!(ours.in_place());
+        let mut theirs = Context::new(&key, &salt, profile, None, None, crypto).unwrap();
+        let mut roc = Rollover::default();
+        let payload = vec![0x5Au8; 700];
+        for (i, seq) in (65_530u16..=65_535).chain(0..6).enumerate() {
+            let twcc = (i % 2 == 0).then_some((5u8, i as u16));
+            let mut buf = BytesMut::new();
+            let n = write_header(&mut buf, i % 3 == 0, 96, seq, 9000 * i as u32, 0xCAFE, twcc);
+            buf.extend_from_slice(&payload);
+            let plain = buf.clone();
+            ours.seal_in_place(&mut buf, n, 0xCAFE, seq, roc.roc(seq))
+                .unwrap();
+            let header = rtc::rtp::header::Header::unmarshal(&mut &plain[..]).unwrap();
+            let expected = theirs.encrypt_rtp_with_header(&plain, &header).unwrap();
+            assert_eq!(&buf[..], &expected[..], "packet {seq}");
+        }
+    }
+
+    #[test]
+    fn rollover_counts_wraps_and_tolerates_reordering() {
+        let mut r = Rollover::default();
+        assert_eq!(r.roc(65_534), 0);
+        assert_eq!(r.roc(65_535), 0);
+        assert_eq!(r.roc(0), 1);
+        assert_eq!(r.roc(65_535), 0, "a late packet from before the wrap");
+        assert_eq!(r.roc(1), 1);
+        let mut fresh = Rollover::default();
+        assert_eq!(fresh.roc(3), 0);
+        assert_eq!(
+            fresh.roc(65_000),
+            0,
+            "behind the first packet: no negative index"
+        );
     }
 
     #[test]
