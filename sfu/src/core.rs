@@ -1686,7 +1686,7 @@ fn emit(
             };
             let data = if sealer.in_place() {
                 let tx = &mut bufs.tx;
-                if tx.capacity() < size + fastpath::GCM_TAG {
+                if tx.capacity() < size + fastpath::MAX_TAG {
                     tx.reserve(TX_ARENA);
                 }
                 fastpath::write_header(tx, m.marker, m.pt, m.seq, m.ts, m.ssrc, twcc);

@@ -205,16 +205,26 @@ enum How {
         aead: Box<dyn AeadCipher>,
         salt: [u8; 12],
     },
+    /// AES-128 counter mode with an 80-bit HMAC-SHA1 tag (what Chromium negotiates), in place
+    /// too.
+    CmHmac {
+        ctr: Box<dyn StreamCipher>,
+        mac: Box<dyn Mac>,
+        salt: [u8; 14],
+    },
     /// Any other profile, through rtc's SRTP context (it copies and allocates).
     Context(Context),
 }
 
 /// RFC 3711 key derivation labels.
 const LABEL_SRTP_ENCRYPTION: u8 = 0;
+const LABEL_SRTP_AUTHENTICATION: u8 = 1;
 const LABEL_SRTP_SALT: u8 = 2;
 
-/// Length of the AES-GCM tag after each protected packet.
-pub const GCM_TAG: usize = 16;
+/// The longest tag a protected packet gets (AES-GCM's); room for it is kept in the send arena.
+pub const MAX_TAG: usize = 16;
+const GCM_TAG: usize = 16;
+const HMAC_SHA1_80_TAG: usize = 10;
 
 impl Sealer {
     /// The captured key and profile under which `srtcp` (a datagram rtc protected on this
@@ -244,14 +254,28 @@ impl Sealer {
         crypto: &dyn RTCCrypto,
     ) -> Option<Sealer> {
         let how = if matches!(profile, ProtectionProfile::AeadAes128Gcm) && key.len() == 16 {
-            let session_key = derive(crypto, key, salt, LABEL_SRTP_ENCRYPTION)?;
-            let session_salt = derive(crypto, key, salt, LABEL_SRTP_SALT)?;
+            let session_key = derive(crypto, key, salt, LABEL_SRTP_ENCRYPTION, 0)?;
+            let session_salt = derive(crypto, key, salt, LABEL_SRTP_SALT, 0)?;
             let aead = crypto
                 .new_aead(AeadAlgorithm::Aes128Gcm, &session_key)
                 .ok()?;
             let mut salt = [0u8; 12];
             salt.copy_from_slice(&session_salt[..12]);
             How::Gcm { aead, salt }
+        } else if matches!(profile, ProtectionProfile::Aes128CmHmacSha1_80) && key.len() == 16 {
+            let session_key = derive(crypto, key, salt, LABEL_SRTP_ENCRYPTION, 0)?;
+            let session_salt = derive(crypto, key, salt, LABEL_SRTP_SALT, 0)?;
+            // A 160-bit key: two blocks of the key stream.
+            let mut auth = [0u8; 32];
+            auth[..16].copy_from_slice(&derive(crypto, key, salt, LABEL_SRTP_AUTHENTICATION, 0)?);
+            auth[16..].copy_from_slice(&derive(crypto, key, salt, LABEL_SRTP_AUTHENTICATION, 1)?);
+            let ctr = crypto
+                .new_stream_cipher(StreamCipherAlgorithm::Aes128Ctr, &session_key)
+                .ok()?;
+            let mac = crypto.new_hmac(HmacAlgorithm::Sha1, &auth[..20]).ok()?;
+            let mut salt = [0u8; 14];
+            salt.copy_from_slice(&session_salt[..14]);
+            How::CmHmac { ctr, mac, salt }
         } else {
             How::Context(Context::new(key, salt, profile, None, None, crypto).ok()?)
         };
@@ -260,7 +284,7 @@ impl Sealer {
 
     /// Whether [`Sealer::seal_in_place`] works (else [`Sealer::seal`]).
     pub fn in_place(&self) -> bool {
-        matches!(self.how, How::Gcm { .. })
+        !matches!(self.how, How::Context(_))
     }
 
     /// Protects the RTP packet that `buf` holds (its first `header_len` bytes are the header,
@@ -274,23 +298,41 @@ impl Sealer {
         seq: u16,
         roc: u32,
     ) -> Result<(), CryptoError> {
-        let How::Gcm { aead, salt } = &mut self.how else {
+        match &mut self.how {
+            How::Gcm { aead, salt } => {
+                let mut nonce = [0u8; 12];
+                nonce[2..6].copy_from_slice(&ssrc.to_be_bytes());
+                nonce[6..10].copy_from_slice(&roc.to_be_bytes());
+                nonce[10..12].copy_from_slice(&seq.to_be_bytes());
+                for (n, s) in nonce.iter_mut().zip(salt.iter()) {
+                    *n ^= s;
+                }
+                buf.extend_from_slice(&[0u8; GCM_TAG]);
+                let (aad, rest) = buf.split_at_mut(header_len);
+                let (body, tag) = rest.split_at_mut(rest.len() - GCM_TAG);
+                aead.seal_in_place(&nonce, aad, body, tag)
+            }
+            How::CmHmac { ctr, mac, salt } => {
+                // RFC 3711 §4.1.1: IV = (salt · 2^16) ⊕ (SSRC · 2^64) ⊕ (index · 2^16).
+                let mut iv = [0u8; 16];
+                iv[4..8].copy_from_slice(&ssrc.to_be_bytes());
+                iv[8..12].copy_from_slice(&roc.to_be_bytes());
+                iv[12..14].copy_from_slice(&seq.to_be_bytes());
+                for (v, s) in iv.iter_mut().zip(salt.iter()) {
+                    *v ^= s;
+                }
+                ctr.apply_keystream(&iv, &mut buf[header_len..])?;
+                // §4.2: the tag covers the packet and the rollover counter.
+                let mut tag = [0u8; 20];
+                mac.sign(&[&buf[..], &roc.to_be_bytes()], &mut tag)?;
+                buf.extend_from_slice(&tag[..HMAC_SHA1_80_TAG]);
+                Ok(())
+            }
             // The other profiles go through rtc's context (`seal`).
-            return Err(CryptoError::UnsupportedAlgorithm(CryptoAlgorithm::Aead(
+            How::Context(_) => Err(CryptoError::UnsupportedAlgorithm(CryptoAlgorithm::Aead(
                 AeadAlgorithm::Aes128Gcm,
-            )));
-        };
-        let mut nonce = [0u8; 12];
-        nonce[2..6].copy_from_slice(&ssrc.to_be_bytes());
-        nonce[6..10].copy_from_slice(&roc.to_be_bytes());
-        nonce[10..12].copy_from_slice(&seq.to_be_bytes());
-        for (n, s) in nonce.iter_mut().zip(salt.iter()) {
-            *n ^= s;
+            ))),
         }
-        buf.extend_from_slice(&[0u8; GCM_TAG]);
-        let (aad, rest) = buf.split_at_mut(header_len);
-        let (body, tag) = rest.split_at_mut(rest.len() - GCM_TAG);
-        aead.seal_in_place(&nonce, aad, body, tag)
     }
 
     /// Protects one marshalled RTP packet (`packet` starts with `header`) through rtc's context.
@@ -303,19 +345,21 @@ impl Sealer {
             How::Context(ctx) => ctx
                 .encrypt_rtp_with_header(packet, header)
                 .map(|b| b.freeze()),
-            How::Gcm { .. } => Err(rtc::shared::error::Error::Other(
+            How::Gcm { .. } | How::CmHmac { .. } => Err(rtc::shared::error::Error::Other(
                 "this profile seals in place".into(),
             )),
         }
     }
 }
 
-/// One AES-128 session key or salt from the master key (RFC 3711 §4.3.3, key derivation rate 0):
-/// AES of the master salt with the label in byte 7.
-fn derive(crypto: &dyn RTCCrypto, key: &[u8], salt: &[u8], label: u8) -> Option<[u8; 16]> {
+/// Block `i` of an AES-128 session key, salt or authentication key from the master key (RFC 3711
+/// §4.3.3, key derivation rate 0): AES of the master salt with the label in byte 7 and the
+/// block number in the last two.
+fn derive(crypto: &dyn RTCCrypto, key: &[u8], salt: &[u8], label: u8, i: u16) -> Option<[u8; 16]> {
     let mut block = [0u8; 16];
     block.get_mut(..salt.len())?.copy_from_slice(salt);
     block[7] ^= label;
+    block[14..].copy_from_slice(&i.to_be_bytes());
     crypto
         .block_encrypt(BlockCipherAlgorithm::Aes128, key, &mut block)
         .ok()?;
@@ -681,19 +725,27 @@ mod tests {
         assert_eq!(&seq_bytes(u16::MAX)[..], &[0xff, 0xff]);
     }
 
-    /// The in-place sealer and rtc's SRTP context turn the same packets (across a sequence
+    /// The in-place sealers and rtc's SRTP context turn the same packets (across a sequence
     /// number wrap, with and without the TWCC extension) into the same bytes: the receiver
     /// cannot tell them apart.
     #[test]
     fn in_place_gcm_equals_rtcs_srtp() {
+        sealed_in_place_equals_rtcs_srtp(ProtectionProfile::AeadAes128Gcm, &[0x22; 12]);
+    }
+
+    #[test]
+    fn in_place_cm_hmac_equals_rtcs_srtp() {
+        sealed_in_place_equals_rtcs_srtp(ProtectionProfile::Aes128CmHmacSha1_80, &[0x33; 14]);
+    }
+
+    fn sealed_in_place_equals_rtcs_srtp(profile: ProtectionProfile, salt: &[u8]) {
         use rtc::shared::marshal::Unmarshal;
         let provider = rtc::crypto::default_provider().unwrap();
         let crypto = provider.crypto();
-        let (key, salt) = ([0x11u8; 16], [0x22u8; 12]);
-        let profile = ProtectionProfile::AeadAes128Gcm;
-        let mut ours = Sealer::new(&key, &salt, profile, crypto).unwrap();
+        let key = [0x11u8; 16];
+        let mut ours = Sealer::new(&key, salt, profile, crypto).unwrap();
         assert!(ours.in_place());
-        let mut theirs = Context::new(&key, &salt, profile, None, None, crypto).unwrap();
+        let mut theirs = Context::new(&key, salt, profile, None, None, crypto).unwrap();
         let mut roc = Rollover::default();
         let payload = vec![0x5Au8; 700];
         for (i, seq) in (65_530u16..=65_535).chain(0..6).enumerate() {
