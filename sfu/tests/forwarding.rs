@@ -609,6 +609,29 @@ fn assert_received_all(
     assert_eq!(ssrcs[0], announced);
 }
 
+/// Asserts `sub` received each of `sent` on `producer`, in any order, repairs included. rtc's
+/// NACK generator does not count a repair that came as RTX and asks again, so a client may see a
+/// packet more than once (browsers do not).
+fn assert_received_each(
+    net: &Net,
+    sub: C,
+    producer: ProducerId,
+    tag: &str,
+    sent: &[Bytes],
+    what: &str,
+) {
+    let mut got: Vec<Bytes> = net.clients[sub]
+        .received(producer, tag)
+        .iter()
+        .map(|r| r.payload.clone())
+        .collect();
+    got.sort();
+    got.dedup();
+    let mut want = sent.to_vec();
+    want.sort();
+    assert_eq!(got, want, "{what}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------------------------
@@ -698,18 +721,7 @@ fn send_side_features(fast_path: bool) {
     net.run_for(Duration::from_secs(1));
     assert_eq!(net.lose.unwrap().2, 0, "five video packets were lost");
 
-    let mut got: Vec<Bytes> = net.clients[bob]
-        .received(video, "main")
-        .iter()
-        .map(|r| r.payload.clone())
-        .collect();
-    got.sort();
-    // rtc's NACK generator does not count a repair that came as RTX, so it asks again: the
-    // client sees some packets more than once (browsers do not).
-    got.dedup();
-    let mut want = v.clone();
-    want.sort();
-    assert_eq!(got, want, "every lost packet was resent");
+    assert_received_each(&net, bob, video, "main", &v, "every lost packet was resent");
     assert_received_all(&net, bob, audio, "main", &a, PUB_AUDIO_SSRC);
     let stats = net.sfu.stats();
     assert!(stats.retransmitted >= 5, "{stats:?}");
@@ -1114,14 +1126,12 @@ fn publisher_gets_nacks_and_transport_feedback() {
         pub_client.nacked
     );
     assert!(pub_client.twcc_feedback > 0, "no transport-wide feedback");
-    let mut got: Vec<Bytes> = net.clients[bob]
-        .received(video, "main")
-        .iter()
-        .map(|r| r.payload.clone())
-        .collect();
-    got.sort();
-    got.dedup();
-    let mut want = v;
-    want.sort();
-    assert_eq!(got, want, "the publisher's repairs reached the subscriber");
+    assert_received_each(
+        &net,
+        bob,
+        video,
+        "main",
+        &v,
+        "the publisher's repairs reached the subscriber",
+    );
 }
