@@ -1179,11 +1179,17 @@ impl Sfu {
         let Some(out) = p.out.as_mut() else {
             return;
         };
-        if !fast_path {
+        // Connected again (after a disconnection): the way media is sealed was decided once
+        // and stays; only where it goes may have changed.
+        let decided = !matches!(out.seal, Seal::Pending);
+        if !fast_path && !decided {
             out.seal = Seal::Rtc;
             out.keys = Default::default();
         }
         self.probe(now, peer);
+        if decided {
+            return;
+        }
         let Some(out) = self.peers.get_mut(&peer).and_then(|p| p.out.as_mut()) else {
             return;
         };
