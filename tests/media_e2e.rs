@@ -45,8 +45,6 @@ const CONNECT: Duration = Duration::from_secs(10);
 const IDLE: Duration = Duration::from_millis(5);
 const FRAME_INTERVAL: Duration = Duration::from_micros(33_333);
 const AUDIO_INTERVAL: Duration = Duration::from_millis(20);
-/// RTP payload bytes per packet at most (a typical browser packetizer's budget).
-const MAX_PAYLOAD: usize = 1100;
 /// Every `KEYFRAME_EVERY`th frame is a keyframe (once a second at 30 fps).
 const KEYFRAME_EVERY: u32 = 30;
 const VIDEO_MAGIC: u8 = 0xD3;
@@ -78,39 +76,12 @@ struct Tag {
 /// descriptor on each (S=1 on the first), the VP8 frame header on the first (with the keyframe
 /// start code and a 640x480 size on keyframes), filler, and a [`Tag`] at the end.
 fn vp8_frame(layer: u8, frame: u32, key: bool, bytes: usize) -> Vec<Bytes> {
-    let count = bytes.div_ceil(MAX_PAYLOAD).max(1);
-    let per = bytes / count;
-    (0..count)
-        .map(|idx| {
-            let size = if idx + 1 == count {
-                bytes - per * (count - 1)
-            } else {
-                per
-            };
-            let mut p = Vec::with_capacity(size);
-            if idx == 0 {
-                p.push(0x10); // S=1, partition 0
-                let first_partition: u32 = 64;
-                p.push(u8::from(!key) | 0x10 /* show_frame */ | ((first_partition as u8 & 7) << 5));
-                p.push((first_partition >> 3) as u8);
-                p.push((first_partition >> 11) as u8);
-                if key {
-                    p.extend_from_slice(&[0x9d, 0x01, 0x2a, 0x80, 0x02, 0xe0, 0x01]);
-                }
-            } else {
-                p.push(0x00);
-            }
-            let fill = (frame as u8) ^ (idx as u8);
-            while p.len() + VIDEO_TRAILER < size {
-                p.push(fill);
-            }
-            p.push(VIDEO_MAGIC);
-            p.push(layer);
-            p.extend_from_slice(&frame.to_be_bytes());
-            p.extend_from_slice(&[idx as u8, count as u8, u8::from(key), VIDEO_MAGIC]);
-            Bytes::from(p)
-        })
-        .collect()
+    loadtest::media::vp8_payloads(frame, key, bytes, (640, 480), |idx, count| {
+        let mut t = vec![VIDEO_MAGIC, layer];
+        t.extend_from_slice(&frame.to_be_bytes());
+        t.extend_from_slice(&[idx as u8, count as u8, u8::from(key), VIDEO_MAGIC]);
+        t
+    })
 }
 
 fn video_tag(p: &[u8]) -> Option<Tag> {

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::api::{call, new_org};
+use common::api::{call, keeper, new_org};
 use common::{Backend, TestApp};
 
 use reqwest::{Method, StatusCode};
@@ -21,28 +21,6 @@ async fn page(c: &reqwest::Client, app: &TestApp, path: &str) -> (StatusCode, St
 /// A valid ID number from its first 17 digits.
 fn id_number(first17: &str) -> String {
     format!("{first17}{}", portal::idcard::check_char(first17).unwrap())
-}
-
-/// A client signed in as a new user of `role` in `org` (the app's client must be an admin).
-async fn user_in(app: &TestApp, username: &str, role: &str, org: &str) -> reqwest::Client {
-    let (status, v) = call(
-        &app.client,
-        app,
-        Method::POST,
-        "/api/v1/users",
-        Some(json!({"username": username, "display_name": username, "password": "initial-pass-1", "role": role, "org_id": org})),
-    )
-    .await;
-    assert_eq!(status, 201, "{v}");
-    let c = common::client();
-    let r = c
-        .post(app.url("/api/v1/session"))
-        .json(&json!({"username": username, "password": "initial-pass-1"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    c
 }
 
 fn member(name: &str, id: &str, org: &str) -> Value {
@@ -303,7 +281,7 @@ async fn a_secretary_keeps_only_their_branch(backend: Backend) {
     .await;
     let b = b["id"].as_str().unwrap().to_string();
 
-    let sec = user_in(&app, "sec", "secretary", &mine).await;
+    let sec = keeper(&app, "sec", "secretary", &mine).await;
     let (status, list) = call(&sec, &app, Method::GET, "/api/v1/members", None).await;
     assert_eq!(status, 200);
     assert_eq!(list["total"], 1);
@@ -372,7 +350,7 @@ async fn a_secretary_keeps_only_their_branch(backend: Backend) {
     assert_eq!(status, 201, "{v}");
 
     // A member in the branch reads, masked, and changes nothing.
-    let reader = user_in(&app, "reader", "member", &mine).await;
+    let reader = keeper(&app, "reader", "member", &mine).await;
     let (status, list) = call(&reader, &app, Method::GET, "/api/v1/members?q=张", None).await;
     assert_eq!(status, 200);
     assert_eq!(list["total"], 1);

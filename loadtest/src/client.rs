@@ -80,6 +80,13 @@ fn note(slot: &Mutex<Option<String>>, what: String) {
     p.get_or_insert(what);
 }
 
+/// Notes why the client stops (the server failed it, or signaling ended) and returns it as the
+/// error it stops with.
+fn ended(slot: &Mutex<Option<String>>, why: String) -> anyhow::Error {
+    note(slot, why.clone());
+    anyhow::anyhow!(why)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Publisher
 // ---------------------------------------------------------------------------------------------
@@ -262,13 +269,9 @@ impl Publisher {
                     Some(Down::Answer { sdp }) => self.on_answer(sdp)?,
                     Some(Down::Offer { .. }) => {}
                     Some(Down::Failed(e)) => {
-                        note(&self.stats.problem, format!("server: {e}"));
-                        anyhow::bail!("server: {e}");
+                        return Err(ended(&self.stats.problem, format!("server: {e}")));
                     }
-                    None => {
-                        note(&self.stats.problem, "signaling ended".into());
-                        anyhow::bail!("signaling ended");
-                    }
+                    None => return Err(ended(&self.stats.problem, "signaling ended".into())),
                 },
                 _ = stop.changed() => {}
                 _ = tokio::time::sleep_until(wake.into()) => {}
@@ -579,13 +582,9 @@ impl Subscriber {
                     Some(Down::Offer { sdp }) => self.on_offer(sdp)?,
                     Some(Down::Answer { .. }) => {}
                     Some(Down::Failed(e)) => {
-                        note(&self.stats.problem, format!("server: {e}"));
-                        anyhow::bail!("server: {e}");
+                        return Err(ended(&self.stats.problem, format!("server: {e}")));
                     }
-                    None => {
-                        note(&self.stats.problem, "signaling ended".into());
-                        anyhow::bail!("signaling ended");
-                    }
+                    None => return Err(ended(&self.stats.problem, "signaling ended".into())),
                 },
                 _ = stop.changed() => {}
                 _ = tokio::time::sleep_until(wake.into()) => {}

@@ -542,6 +542,11 @@ impl Drop for SessionGuard {
     }
 }
 
+/// Why the next event ends the connection, if it does (`None`: the session's events ended).
+fn ended(ev: Option<&Value>) -> Option<String> {
+    ev.map_or(Some("Janus session over".into()), fatal)
+}
+
 /// Why a handle event ends the connection, if it does.
 fn fatal(ev: &Value) -> Option<String> {
     match ev["janus"].as_str() {
@@ -619,18 +624,12 @@ async fn run_publisher(
                     tracing::warn!("publisher connection sent an answer; Janus made it no offer");
                 }
             },
-            ev = events.recv() => match ev {
-                None => {
-                    let _ = end.down.send(Down::Failed("Janus session over".into()));
+            ev = events.recv() => {
+                if let Some(why) = ended(ev.as_ref()) {
+                    let _ = end.down.send(Down::Failed(why));
                     return;
                 }
-                Some(ev) => {
-                    if let Some(why) = fatal(&ev) {
-                        let _ = end.down.send(Down::Failed(why));
-                        return;
-                    }
-                }
-            },
+            }
         }
     }
 }
@@ -719,24 +718,19 @@ impl Subscriber {
                         tracing::warn!("subscriber connection sent an offer; Janus offers here");
                     }
                 },
-                ev = events.recv() => match ev {
-                    None => {
-                        let _ = end.down.send(Down::Failed("Janus session over".into()));
+                ev = events.recv() => {
+                    if let Some(why) = ended(ev.as_ref()) {
+                        let _ = end.down.send(Down::Failed(why));
                         return;
                     }
-                    Some(ev) => {
-                        if let Some(why) = fatal(&ev) {
-                            let _ = end.down.send(Down::Failed(why));
-                            return;
-                        }
-                        // A renegotiation ("updated", e.g. when a publisher left).
-                        if ev["jsep"]["type"] == "offer"
-                            && let Some(sdp) = ev["jsep"]["sdp"].as_str()
-                        {
-                            let _ = end.down.send(Down::Offer { sdp: sdp.to_string() });
-                        }
+                    // A renegotiation ("updated", e.g. when a publisher left).
+                    if let Some(ev) = ev
+                        && ev["jsep"]["type"] == "offer"
+                        && let Some(sdp) = ev["jsep"]["sdp"].as_str()
+                    {
+                        let _ = end.down.send(Down::Offer { sdp: sdp.to_string() });
                     }
-                },
+                }
             }
         }
     }

@@ -68,6 +68,28 @@ pub fn clock_us(now: Instant) -> u64 {
 /// each (S=1 on the first), the VP8 frame header on the first (with the keyframe start code and
 /// a 1280x720 size on keyframes), filler, and the trailer.
 pub fn vp8_frame(layer: u8, frame: u32, key: bool, bytes: usize, sent_us: u64) -> Vec<Bytes> {
+    vp8_payloads(frame, key, bytes, (1280, 720), |_, _| {
+        let mut t = Vec::with_capacity(VIDEO_TRAILER);
+        t.push(VIDEO_MAGIC);
+        t.push(layer);
+        t.extend_from_slice(&frame.to_be_bytes());
+        t.extend_from_slice(&sent_us.to_be_bytes());
+        t.push(VIDEO_MAGIC);
+        t
+    })
+}
+
+/// The RTP payloads of one VP8 frame of `bytes` payload bytes in all, at most [`MAX_PAYLOAD`]
+/// each: an RFC 7741 payload descriptor on each (S=1 on the first), the VP8 frame header on the
+/// first (the keyframe start code and `size` on keyframes), filler, and `trailer(index, count)`
+/// at the end of each.
+pub fn vp8_payloads(
+    frame: u32,
+    key: bool,
+    bytes: usize,
+    (width, height): (u16, u16),
+    trailer: impl Fn(usize, usize) -> Vec<u8>,
+) -> Vec<Bytes> {
     let count = bytes.div_ceil(MAX_PAYLOAD).max(1);
     let per = bytes / count;
     (0..count)
@@ -85,20 +107,19 @@ pub fn vp8_frame(layer: u8, frame: u32, key: bool, bytes: usize, sent_us: u64) -
                 p.push((first_partition >> 3) as u8);
                 p.push((first_partition >> 11) as u8);
                 if key {
-                    p.extend_from_slice(&[0x9d, 0x01, 0x2a, 0x00, 0x05, 0xd0, 0x02]);
+                    p.extend_from_slice(&[0x9d, 0x01, 0x2a]);
+                    p.extend_from_slice(&width.to_le_bytes());
+                    p.extend_from_slice(&height.to_le_bytes());
                 }
             } else {
                 p.push(0x00);
             }
+            let tail = trailer(idx, count);
             let fill = (frame as u8) ^ (idx as u8);
-            while p.len() + VIDEO_TRAILER < size {
+            while p.len() + tail.len() < size {
                 p.push(fill);
             }
-            p.push(VIDEO_MAGIC);
-            p.push(layer);
-            p.extend_from_slice(&frame.to_be_bytes());
-            p.extend_from_slice(&sent_us.to_be_bytes());
-            p.push(VIDEO_MAGIC);
+            p.extend_from_slice(&tail);
             Bytes::from(p)
         })
         .collect()

@@ -168,7 +168,6 @@ pub struct SfuStats {
     /// send history.
     pub nacks_received: u64,
     pub retransmitted: u64,
-    pub sender_reports: u64,
     /// Subscriber connections whose media the SFU protects itself, and those that fell back to
     /// rtc's send pipeline.
     pub fast_path_connections: u64,
@@ -802,7 +801,6 @@ impl Sfu {
             if reports.is_empty() {
                 continue;
             }
-            self.stats.sender_reports += reports.len() as u64;
             let _ = p.pc.handle_write(TaggedRTCMessage {
                 now,
                 message: RTCMessage::RtcpPacket(String::new(), reports),
@@ -1766,7 +1764,7 @@ fn fill_header<'h>(
     if let Some((id, tseq)) = twcc {
         h.extensions.push(rtc::rtp::header::Extension {
             id,
-            payload: fastpath::seq_bytes(tseq),
+            payload: Bytes::copy_from_slice(&tseq.to_be_bytes()),
         });
     }
     h

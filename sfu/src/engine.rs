@@ -232,22 +232,28 @@ pub fn server_peer_connection(
 ) -> Result<ServerConnection, EngineError> {
     let mut me = media_engine()?;
     let registry = Registry::new().with(Slot::from(14_000), DeliverRtcpFeedback::default());
-    let (estimator, estimate) = estimator();
     let mut settings = SettingEngineBuilder::new()
         .with_lite(true)
         .with_ice_credentials(ufrag.into(), pwd.into())
         // The agent notices the client's nomination (and DTLS starts) on its next check tick:
         // at the default 200 ms that was most of a viewer's join time.
         .with_ice_connection_attempts(Some(ICE_CHECK_INTERVAL), None);
-    let (registry, outbound) = if receives_media {
-        (receive_side_interceptors(registry, &mut me)?, None)
+    // A publisher's connection sends no media: its estimate stays unset.
+    let (registry, outbound, estimate) = if receives_media {
+        let registry = receive_side_interceptors(registry, &mut me)?;
+        (registry, None, EstimateHandle::default())
     } else {
         // The SFU sends a subscriber's media itself (see `fastpath`): the chain only delivers
         // the feedback, and the connection's crypto provider lets the SFU find its SRTP key.
         negotiate_send_side(&mut me)?;
         let keys = KeyCapture::default();
         settings = settings.with_crypto_provider(keys.provider().map_err(EngineError::Other)?);
-        (registry, Some(Outbound::new(now, keys, estimator)))
+        let (estimator, estimate) = estimator();
+        (
+            registry,
+            Some(Outbound::new(now, keys, estimator)),
+            estimate,
+        )
     };
     let mut pc = RTCPeerConnectionBuilder::new()
         .with_configuration(

@@ -634,26 +634,6 @@ pub fn write_header(
     20
 }
 
-/// Every 16-bit value, big-endian: the transport-wide sequence number extension's payload
-/// without an allocation per packet.
-static SEQ_BYTES: [u8; 131_072] = seq_table();
-
-const fn seq_table() -> [u8; 131_072] {
-    let mut t = [0u8; 131_072];
-    let mut i = 0;
-    while i < 65_536 {
-        t[2 * i] = (i >> 8) as u8;
-        t[2 * i + 1] = i as u8;
-        i += 1;
-    }
-    t
-}
-
-pub fn seq_bytes(seq: u16) -> Bytes {
-    let i = 2 * seq as usize;
-    Bytes::from_static(&SEQ_BYTES[i..i + 2])
-}
-
 /// How a subscriber connection's media gets protected.
 pub enum Seal {
     /// Connected, but not yet known which key is ours.
@@ -718,16 +698,6 @@ mod tests {
         assert!(r.get(11).is_none());
     }
 
-    #[test]
-    fn seq_bytes_are_big_endian() {
-        assert_eq!(&seq_bytes(0x1234)[..], &[0x12, 0x34]);
-        assert_eq!(&seq_bytes(0)[..], &[0, 0]);
-        assert_eq!(&seq_bytes(u16::MAX)[..], &[0xff, 0xff]);
-    }
-
-    /// The in-place sealers and rtc's SRTP context turn the same packets (across a sequence
-    /// number wrap, with and without the TWCC extension) into the same bytes: the receiver
-    /// cannot tell them apart.
     #[test]
     fn in_place_gcm_equals_rtcs_srtp() {
         sealed_in_place_equals_rtcs_srtp(ProtectionProfile::AeadAes128Gcm, &[0x22; 12]);
