@@ -90,7 +90,7 @@ async fn media_metrics(state: &AppState) -> String {
     let (rooms, participants, tracks) = state.rooms.counts();
     let snap = state.rooms.sfu().snapshot().await;
     let s = snap.stats;
-    let rows: [(&str, &str, &str, u64); 17] = [
+    let rows: [(&str, &str, &str, u64); 19] = [
         ("dangjian_rooms", "gauge", "Live rooms", rooms as u64),
         (
             "dangjian_participants",
@@ -175,6 +175,18 @@ async fn media_metrics(state: &AppState) -> String {
             "counter",
             "Subscriber connections that send media through the WebRTC engine's pipeline (no key matched)",
             s.rtc_path_connections,
+        ),
+        (
+            "dangjian_sfu_receive_fast_path_connections_total",
+            "counter",
+            "Publisher connections whose media the SFU opens itself",
+            s.receive_fast_path_connections,
+        ),
+        (
+            "dangjian_sfu_rejected_srtp_total",
+            "counter",
+            "Publisher packets refused: failed authentication or replayed",
+            s.rejected_srtp,
         ),
         (
             "dangjian_sfu_plis_total",

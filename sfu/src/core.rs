@@ -22,6 +22,7 @@ use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
 use rtc::rtcp::receiver_report::ReceiverReport;
+use rtc::rtcp::sender_report::SenderReport;
 use rtc::rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::{
@@ -38,6 +39,7 @@ use crate::RouterId;
 use crate::engine;
 use crate::fastpath::{self, Kept, Outbound, Rollover, Seal, Sealer, SendStats, SentRing};
 use crate::forwarder::{self, Forwarder, Layer, LayerState, Verdict};
+use crate::inbound::{self, Inbound, Open, RtpView};
 
 /// Keyframe requests for one layer are sent at most this often; one asked for sooner is sent
 /// when the interval ends (a viewer who connects just after a keyframe waits at most this long,
@@ -172,6 +174,10 @@ pub struct SfuStats {
     /// rtc's send pipeline.
     pub fast_path_connections: u64,
     pub rtc_path_connections: u64,
+    /// Publisher connections whose media the SFU opens itself.
+    pub receive_fast_path_connections: u64,
+    /// Publisher packets refused: failed authentication, replays.
+    pub rejected_srtp: u64,
 }
 
 struct Consumer {
@@ -222,6 +228,8 @@ struct Peer {
     dirty: bool,
     /// Subscribers: the send side (protection, TWCC, reports) the SFU runs itself.
     out: Option<Outbound>,
+    /// Publishers: the receive side (opening, NACKs, TWCC feedback, reports).
+    inb: Option<Inbound>,
 }
 
 /// One simulcast layer (or the only stream) of a producer.
@@ -346,6 +354,8 @@ pub struct Sfu {
     dirty: Vec<PeerId>,
     /// When the earliest deferred keyframe request is due.
     next_pli: Option<Instant>,
+    /// When publishers are next sent transport-wide feedback and NACKs.
+    next_feedback: Option<Instant>,
     /// Where each forwarded packet is marshalled before it is protected.
     bufs: SendBufs,
     /// Protect forwarded media with the connection's own key (else through rtc's pipeline).
@@ -389,6 +399,7 @@ impl Sfu {
             timers: BTreeSet::new(),
             dirty: Vec::new(),
             next_pli: None,
+            next_feedback: None,
             bufs: SendBufs {
                 scratch: Vec::with_capacity(1500),
                 tx: BytesMut::with_capacity(TX_ARENA),
@@ -445,6 +456,7 @@ impl Sfu {
             pc,
             estimate: twcc,
             outbound,
+            mut inbound,
         } = engine::server_peer_connection(
             now,
             &ufrag,
@@ -454,6 +466,9 @@ impl Sfu {
             &self.cert,
             direction == Direction::Publish,
         )?;
+        if let Some(inb) = inbound.as_mut().filter(|_| !self.fast_path) {
+            inb.open = Open::Rtc;
+        }
         self.by_ufrag.insert(ufrag.clone(), id);
         self.peers.insert(
             id,
@@ -474,6 +489,7 @@ impl Sfu {
                 timer: None,
                 dirty: false,
                 out: outbound,
+                inb: inbound,
             },
         );
         self.mark(id);
@@ -589,6 +605,9 @@ impl Sfu {
         };
         if let Some(p) = self.peers.get_mut(&pr.peer) {
             p.producers.retain(|_, id| *id != producer);
+            if let Some(inb) = p.inb.as_mut() {
+                inb.remove_producer(producer.0);
+            }
         }
         for sub in &pr.consumers {
             let Some(p) = self.peers.get_mut(sub) else {
@@ -760,6 +779,7 @@ impl Sfu {
         }
         self.detect_speakers();
         self.send_reports(now);
+        self.send_receiver_reports(now);
         let subs: Vec<PeerId> = self
             .peers
             .iter()
@@ -806,6 +826,51 @@ impl Sfu {
                 message: RTCMessage::RtcpPacket(String::new(), reports),
             });
             self.drain_writes(sub);
+        }
+    }
+
+    /// What publishers are owed as receivers: transport-wide feedback (their bandwidth estimate
+    /// depends on it) and NACKs for lost packets.
+    fn send_feedback(&mut self, now: Instant) {
+        self.send_to_publishers(now, |inb| inb.feedback(now));
+    }
+
+    fn send_receiver_reports(&mut self, now: Instant) {
+        self.send_to_publishers(now, |inb| {
+            inb.report(now)
+                .map(|rr| Box::new(rr) as Box<dyn rtc::rtcp::Packet>)
+                .into_iter()
+                .collect()
+        });
+    }
+
+    fn send_to_publishers(
+        &mut self,
+        now: Instant,
+        mut what: impl FnMut(&mut Inbound) -> Vec<Box<dyn rtc::rtcp::Packet>>,
+    ) {
+        let pubs: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.connected && p.inb.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in pubs {
+            let Some(p) = self.peers.get_mut(&id) else {
+                continue;
+            };
+            let Some(inb) = p.inb.as_mut() else {
+                continue;
+            };
+            let pkts = what(inb);
+            if pkts.is_empty() {
+                continue;
+            }
+            let _ = p.pc.handle_write(TaggedRTCMessage {
+                now,
+                message: RTCMessage::RtcpPacket(String::new(), pkts),
+            });
+            self.drain_writes(id);
         }
     }
 
@@ -1000,6 +1065,9 @@ impl Sfu {
         if !self.peers.contains_key(&peer) {
             return;
         }
+        if fastpath::is_rtp(data) && self.receive(now, peer, data) {
+            return;
+        }
         let message = self.take_rx(data);
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
@@ -1032,6 +1100,59 @@ impl Sfu {
         }
     }
 
+    /// A publisher's RTP packet: opened and forwarded here when its stream is known and the
+    /// connection's key found (true). Otherwise rtc gets it (false), its arrival noted for the
+    /// transport-wide feedback (padding and repairs count: rtc drops some of them).
+    fn receive(&mut self, now: Instant, peer: PeerId, data: &[u8]) -> bool {
+        let Some(inb) = self.peers.get_mut(&peer).and_then(|p| p.inb.as_mut()) else {
+            return false;
+        };
+        let Some(view) = RtpView::parse(data, inb.twcc_id, inb.level_id) else {
+            return false;
+        };
+        let pending = matches!(inb.open, Open::Pending(_));
+        if !(inb.stream(view.ssrc).is_some() && inb.try_find(data)) {
+            if let Some(seq) = view.transport_seq {
+                inb.on_transport_seq(now, seq);
+            }
+            return false;
+        }
+        if pending {
+            self.stats.receive_fast_path_connections += 1;
+        }
+        let mut buf = self.take_rx(data);
+        let opened = self
+            .peers
+            .get_mut(&peer)
+            .and_then(|p| p.inb.as_mut())
+            .and_then(|inb| inb.open_packet(now, &mut buf, &view));
+        let Some((producer, end)) = opened else {
+            self.stats.rejected_srtp += 1;
+            return true;
+        };
+        let pad = if view.padding {
+            usize::from(buf[end - 1])
+        } else {
+            0
+        };
+        if end - view.header_len < pad || (view.padding && pad == 0) {
+            self.stats.rejected_srtp += 1;
+            return true;
+        }
+        let payload = buf.freeze().slice(view.header_len..end - pad);
+        self.stats.rtp_in += 1;
+        let m = Incoming {
+            ssrc: view.ssrc,
+            seq: view.seq,
+            ts: view.ts,
+            marker: view.marker,
+            audio_level: view.audio_level,
+            payload: &payload,
+        };
+        self.forward_media(now, ProducerId(producer), &m);
+        true
+    }
+
     pub fn poll_timeout(&mut self) -> Option<Instant> {
         self.rearm_dirty();
         let tick = if self.producers.is_empty() {
@@ -1045,6 +1166,7 @@ impl Sfu {
             .into_iter()
             .chain(tick)
             .chain(self.next_pli)
+            .chain(tick.and(self.next_feedback))
             .min()
     }
 
@@ -1057,6 +1179,14 @@ impl Sfu {
                 self.tick(now);
             }
             self.next_tick = Some(now + TICK);
+        }
+        if self.producers.is_empty() {
+            self.next_feedback = None;
+        } else if self.next_feedback.is_none_or(|t| t <= now) {
+            if self.next_feedback.is_some() {
+                self.send_feedback(now);
+            }
+            self.next_feedback = Some(now + inbound::FEEDBACK_INTERVAL);
         }
         if self.next_pli.is_some_and(|t| t <= now) {
             self.send_deferred_plis(now);
@@ -1269,6 +1399,14 @@ impl Sfu {
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
+        if let Some(inb) = p.inb.as_mut() {
+            for sr in pkts
+                .iter()
+                .filter_map(|p| p.as_any().downcast_ref::<SenderReport>())
+            {
+                inb.on_sender_report(now, sr.ssrc, sr.ntp_time);
+            }
+        }
         if let Some(out) = p.out.as_mut() {
             for pkt in pkts {
                 let pkt = pkt.as_any();
@@ -1331,6 +1469,16 @@ impl Sfu {
                         pr.layers
                             .resize_with(pr.layers.len().max(layer + 1), || None);
                         pr.layers[layer] = Some(ProducerLayer::new(init.ssrc));
+                        if let Some(inb) = p.inb.as_mut() {
+                            let video = pr.kind == MediaKind::Video;
+                            inb.add_stream(
+                                init.ssrc,
+                                id.0,
+                                layer as u8,
+                                pr.codec.clock_rate,
+                                video,
+                            );
+                        }
                     }
                     return;
                 }
@@ -1356,9 +1504,23 @@ impl Sfu {
                         .find(|e| e.uri == engine::AUDIO_LEVEL_URI)
                         .and_then(|e| u8::try_from(e.id).ok())
                 });
+                let twcc_id = p.pc.rtp_receiver(init.receiver_id).and_then(|mut r| {
+                    r.get_parameters()
+                        .rtp_parameters
+                        .header_extensions
+                        .iter()
+                        .find(|e| e.uri == rtc::sdp::extmap::TRANSPORT_CC_URI)
+                        .and_then(|e| u8::try_from(e.id).ok())
+                });
                 let id = ProducerId(self.next_id + 1);
                 self.next_id += 1;
                 p.producers.insert(init.track_id.clone(), id);
+                if let Some(inb) = p.inb.as_mut() {
+                    let video = kind == MediaKind::Video;
+                    inb.add_stream(init.ssrc, id.0, layer as u8, codec.clock_rate, video);
+                    inb.twcc_id = inb.twcc_id.or(twcc_id);
+                    inb.level_id = inb.level_id.or(audio_level_id);
+                }
                 let (router, owner) = (p.router.clone(), p.owner.clone());
                 self.producers.insert(
                     id,
@@ -1438,31 +1600,56 @@ impl Sfu {
         }
     }
 
-    /// Sends one publisher packet to every consumer of its producer, rewritten for each.
+    /// A publisher packet rtc opened: noted as received (rtc delivers repairs it unwrapped from
+    /// RTX too, and the odd duplicate), then forwarded.
     fn forward(&mut self, now: Instant, from: PeerId, track: &str, pkt: rtc::rtp::Packet) {
         self.stats.rtp_in += 1;
-        let Some(producer) = self
-            .peers
-            .get(&from)
-            .and_then(|p| p.producers.get(track).copied())
-        else {
+        let Some(p) = self.peers.get_mut(&from) else {
             return;
         };
+        let Some(producer) = p.producers.get(track).copied() else {
+            return;
+        };
+        let h = &pkt.header;
+        if let Some(inb) = p.inb.as_mut() {
+            let epoch = inb.epoch();
+            if let Some(s) = inb.stream(h.ssrc)
+                && s.arrived(now, epoch, h.sequence_number, h.timestamp, false)
+                    == inbound::Verdict::Drop
+            {
+                return;
+            }
+        }
+        let audio_level = self
+            .producers
+            .get(&producer)
+            .and_then(|pr| pr.audio_level_id)
+            .and_then(|id| h.get_extension(id))
+            .and_then(|b| b.first().copied());
+        let m = Incoming {
+            ssrc: h.ssrc,
+            seq: h.sequence_number,
+            ts: h.timestamp,
+            marker: h.marker,
+            audio_level,
+            payload: &pkt.payload,
+        };
+        self.forward_media(now, producer, &m);
+    }
+
+    /// Sends one publisher packet to every consumer of its producer, rewritten for each.
+    fn forward_media(&mut self, now: Instant, producer: ProducerId, pkt: &Incoming<'_>) {
         let Some(pr) = self.producers.get_mut(&producer) else {
             return;
         };
-        let Some(layer) = pr.layer_of(pkt.header.ssrc) else {
+        let Some(layer) = pr.layer_of(pkt.ssrc) else {
             return;
         };
         if let Some(l) = pr.layers[layer as usize].as_mut() {
             l.bytes += pkt.payload.len() as u64;
             l.last_packet = Some(now);
         }
-        if let Some(level) = pr
-            .audio_level_id
-            .and_then(|id| pkt.header.get_extension(id))
-            .and_then(|b| b.first().copied())
-        {
+        if let Some(level) = pkt.audio_level.filter(|_| pr.audio_level_id.is_some()) {
             let level = u32::from(level & 0x7f);
             pr.level_sum += level;
             pr.level_count += 1;
@@ -1470,7 +1657,7 @@ impl Sfu {
         }
         // With one layer there is nothing to switch between: any packet may start the stream
         // (the subscriber's decoder asks for a keyframe itself if it needs one).
-        let real_keyframe = pr.kind == MediaKind::Video && pr.is_keyframe_start(&pkt.payload);
+        let real_keyframe = pr.kind == MediaKind::Video && pr.is_keyframe_start(pkt.payload);
         let keyframe = pr.layers.len() == 1 || real_keyframe;
         if real_keyframe && let Some(l) = pr.layers[layer as usize].as_mut() {
             // Whoever asked since the last request gets this one: nothing more to ask.
@@ -1494,14 +1681,8 @@ impl Sfu {
                 continue;
             };
             let (seq, ts) = match c.forwarder.as_mut() {
-                None => (pkt.header.sequence_number, pkt.header.timestamp),
-                Some(f) => match f.on_packet(
-                    now,
-                    layer,
-                    pkt.header.sequence_number,
-                    pkt.header.timestamp,
-                    keyframe,
-                ) {
+                None => (pkt.seq, pkt.ts),
+                Some(f) => match f.on_packet(now, layer, pkt.seq, pkt.ts, keyframe) {
                     Verdict::Send { seq, ts } => (seq, ts),
                     Verdict::Drop => continue,
                 },
@@ -1511,14 +1692,14 @@ impl Sfu {
                 continue;
             };
             let media = Media {
-                marker: pkt.header.marker,
+                marker: pkt.marker,
                 pt,
                 seq,
                 ts,
                 ssrc,
                 osn: None,
                 roc: c.roc.roc(seq),
-                payload: &pkt.payload,
+                payload: pkt.payload,
             };
             let sent = send_media(
                 now,
@@ -1537,6 +1718,16 @@ impl Sfu {
             }
         }
     }
+}
+
+/// A publisher's packet as the forwarding path reads it, whichever path opened it.
+struct Incoming<'a> {
+    ssrc: u32,
+    seq: u16,
+    ts: u32,
+    marker: bool,
+    audio_level: Option<u8>,
+    payload: &'a Bytes,
 }
 
 /// Counts a datagram the engine wants sent and queues it for the socket it belongs to (the

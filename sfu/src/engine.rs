@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rtc::interceptor::{
-    Attribute, BandwidthEstimator, EstimatorStats, Gcc, Interceptor, NackGeneratorBuilder, Packet,
-    PacketReport, ReceiverReportBuilder, Slot, StreamInfo, TaggedPacket,
+    Attribute, BandwidthEstimator, EstimatorStats, Gcc, Interceptor, Packet, PacketReport, Slot,
+    StreamInfo, TaggedPacket,
 };
 use rtc::peer_connection::certificate::{CertificateParams, RTCCertificate};
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
@@ -39,6 +39,7 @@ use rtc::rtp_transceiver::rtp_sender::{
 use rtc::sansio::Protocol;
 
 use crate::fastpath::{KeyCapture, Outbound};
+use crate::inbound::Inbound;
 
 pub type EngineError = rtc::shared::error::Error;
 
@@ -216,6 +217,8 @@ pub struct ServerConnection {
     pub estimate: EstimateHandle,
     /// Subscriber connections: the send side the SFU runs itself.
     pub outbound: Option<Outbound>,
+    /// Publisher connections: the receive side the SFU runs itself.
+    pub inbound: Option<Inbound>,
 }
 
 /// A server-side connection: ICE-lite with our own credentials (the ufrag routes STUN to it) and
@@ -238,22 +241,19 @@ pub fn server_peer_connection(
         // The agent notices the client's nomination (and DTLS starts) on its next check tick:
         // at the default 200 ms that was most of a viewer's join time.
         .with_ice_connection_attempts(Some(ICE_CHECK_INTERVAL), None);
-    // A publisher's connection sends no media: its estimate stays unset.
-    let (registry, outbound, estimate) = if receives_media {
-        let registry = receive_side_interceptors(registry, &mut me)?;
-        (registry, None, EstimateHandle::default())
+    // The SFU runs both sides of the media itself (see `fastpath` and `inbound`): the chain
+    // only delivers the feedback, and the connection's crypto provider lets the SFU find its
+    // SRTP keys. A publisher's connection sends no media: its estimate stays unset.
+    let keys = KeyCapture::default();
+    settings = settings.with_crypto_provider(keys.provider().map_err(EngineError::Other)?);
+    let (outbound, inbound, estimate) = if receives_media {
+        negotiate_receive_side(&mut me)?;
+        let inbound = Inbound::new(now, keys, rand::random::<u32>() | 1);
+        (None, Some(inbound), EstimateHandle::default())
     } else {
-        // The SFU sends a subscriber's media itself (see `fastpath`): the chain only delivers
-        // the feedback, and the connection's crypto provider lets the SFU find its SRTP key.
         negotiate_send_side(&mut me)?;
-        let keys = KeyCapture::default();
-        settings = settings.with_crypto_provider(keys.provider().map_err(EngineError::Other)?);
         let (estimator, estimate) = estimator();
-        (
-            registry,
-            Some(Outbound::new(now, keys, estimator)),
-            estimate,
-        )
+        (Some(Outbound::new(now, keys, estimator)), None, estimate)
     };
     let mut pc = RTCPeerConnectionBuilder::new()
         .with_configuration(
@@ -274,6 +274,7 @@ pub fn server_peer_connection(
         pc,
         estimate,
         outbound,
+        inbound,
     })
 }
 
@@ -290,19 +291,14 @@ pub fn estimator() -> (Published<Gcc>, EstimateHandle) {
     (estimator, estimate)
 }
 
-/// What [`register_default_interceptors`] offers in SDP (NACK, PLI, simulcast extensions,
-/// transport-cc), with only the interceptors that act on media we receive: the NACK generator,
-/// the TWCC receiver (the browser's own bandwidth estimate depends on its feedback) and receiver
-/// reports. Every incoming packet walks the chain; the send-side ones would only pass it on.
-fn receive_side_interceptors(
-    registry: Registry,
-    me: &mut MediaEngine,
-) -> Result<Registry, EngineError> {
+/// What a publisher's connection offers in SDP for the media it receives: what
+/// [`register_default_interceptors`] offers (NACK, PLI, the simulcast extensions, transport-cc),
+/// without the interceptors: the SFU does their work itself (`inbound`).
+fn negotiate_receive_side(me: &mut MediaEngine) -> Result<(), EngineError> {
     register_nack_feedback(me);
     configure_simulcast_extension_headers(me)?;
-    Ok(configure_twcc_receiver_only(registry, me)?
-        .with(Slot::NackGenerator, NackGeneratorBuilder::new().build())
-        .with(Slot::ReceiverReport, ReceiverReportBuilder::new().build()))
+    let _ = configure_twcc_receiver_only(Registry::new(), me)?;
+    Ok(())
 }
 
 fn register_nack_feedback(me: &mut MediaEngine) {

@@ -198,7 +198,8 @@ pub struct Sealer {
     how: How,
 }
 
-enum How {
+/// One direction's SRTP session keys, ready to use.
+pub(crate) enum How {
     /// AES-128-GCM (what browsers and rtc negotiate), sealed in place in the SFU's own send
     /// buffer: no copy, no allocation, no lookup per packet.
     Gcm {
@@ -253,32 +254,7 @@ impl Sealer {
         profile: ProtectionProfile,
         crypto: &dyn RTCCrypto,
     ) -> Option<Sealer> {
-        let how = if matches!(profile, ProtectionProfile::AeadAes128Gcm) && key.len() == 16 {
-            let session_key = derive(crypto, key, salt, LABEL_SRTP_ENCRYPTION, 0)?;
-            let session_salt = derive(crypto, key, salt, LABEL_SRTP_SALT, 0)?;
-            let aead = crypto
-                .new_aead(AeadAlgorithm::Aes128Gcm, &session_key)
-                .ok()?;
-            let mut salt = [0u8; 12];
-            salt.copy_from_slice(&session_salt[..12]);
-            How::Gcm { aead, salt }
-        } else if matches!(profile, ProtectionProfile::Aes128CmHmacSha1_80) && key.len() == 16 {
-            let session_key = derive(crypto, key, salt, LABEL_SRTP_ENCRYPTION, 0)?;
-            let session_salt = derive(crypto, key, salt, LABEL_SRTP_SALT, 0)?;
-            // A 160-bit key: two blocks of the key stream.
-            let mut auth = [0u8; 32];
-            auth[..16].copy_from_slice(&derive(crypto, key, salt, LABEL_SRTP_AUTHENTICATION, 0)?);
-            auth[16..].copy_from_slice(&derive(crypto, key, salt, LABEL_SRTP_AUTHENTICATION, 1)?);
-            let ctr = crypto
-                .new_stream_cipher(StreamCipherAlgorithm::Aes128Ctr, &session_key)
-                .ok()?;
-            let mac = crypto.new_hmac(HmacAlgorithm::Sha1, &auth[..20]).ok()?;
-            let mut salt = [0u8; 14];
-            salt.copy_from_slice(&session_salt[..14]);
-            How::CmHmac { ctr, mac, salt }
-        } else {
-            How::Context(Context::new(key, salt, profile, None, None, crypto).ok()?)
-        };
+        let how = How::new(key, salt, profile, crypto)?;
         Some(Sealer { profile, how })
     }
 
@@ -298,41 +274,7 @@ impl Sealer {
         seq: u16,
         roc: u32,
     ) -> Result<(), CryptoError> {
-        match &mut self.how {
-            How::Gcm { aead, salt } => {
-                let mut nonce = [0u8; 12];
-                nonce[2..6].copy_from_slice(&ssrc.to_be_bytes());
-                nonce[6..10].copy_from_slice(&roc.to_be_bytes());
-                nonce[10..12].copy_from_slice(&seq.to_be_bytes());
-                for (n, s) in nonce.iter_mut().zip(salt.iter()) {
-                    *n ^= s;
-                }
-                buf.extend_from_slice(&[0u8; GCM_TAG]);
-                let (aad, rest) = buf.split_at_mut(header_len);
-                let (body, tag) = rest.split_at_mut(rest.len() - GCM_TAG);
-                aead.seal_in_place(&nonce, aad, body, tag)
-            }
-            How::CmHmac { ctr, mac, salt } => {
-                // RFC 3711 §4.1.1: IV = (salt · 2^16) ⊕ (SSRC · 2^64) ⊕ (index · 2^16).
-                let mut iv = [0u8; 16];
-                iv[4..8].copy_from_slice(&ssrc.to_be_bytes());
-                iv[8..12].copy_from_slice(&roc.to_be_bytes());
-                iv[12..14].copy_from_slice(&seq.to_be_bytes());
-                for (v, s) in iv.iter_mut().zip(salt.iter()) {
-                    *v ^= s;
-                }
-                ctr.apply_keystream(&iv, &mut buf[header_len..])?;
-                // §4.2: the tag covers the packet and the rollover counter.
-                let mut tag = [0u8; 20];
-                mac.sign(&[&buf[..], &roc.to_be_bytes()], &mut tag)?;
-                buf.extend_from_slice(&tag[..HMAC_SHA1_80_TAG]);
-                Ok(())
-            }
-            // The other profiles go through rtc's context (`seal`).
-            How::Context(_) => Err(CryptoError::UnsupportedAlgorithm(CryptoAlgorithm::Aead(
-                AeadAlgorithm::Aes128Gcm,
-            ))),
-        }
+        self.how.seal_in_place(buf, header_len, ssrc, seq, roc)
     }
 
     /// Protects one marshalled RTP packet (`packet` starts with `header`) through rtc's context.
@@ -349,6 +291,206 @@ impl Sealer {
                 "this profile seals in place".into(),
             )),
         }
+    }
+}
+
+impl How {
+    pub(crate) fn new(
+        key: &[u8],
+        salt: &[u8],
+        profile: ProtectionProfile,
+        crypto: &dyn RTCCrypto,
+    ) -> Option<How> {
+        Some(
+            if matches!(profile, ProtectionProfile::AeadAes128Gcm) && key.len() == 16 {
+                let session_key = derive(crypto, key, salt, LABEL_SRTP_ENCRYPTION, 0)?;
+                let session_salt = derive(crypto, key, salt, LABEL_SRTP_SALT, 0)?;
+                let aead = crypto
+                    .new_aead(AeadAlgorithm::Aes128Gcm, &session_key)
+                    .ok()?;
+                let mut salt = [0u8; 12];
+                salt.copy_from_slice(&session_salt[..12]);
+                How::Gcm { aead, salt }
+            } else if matches!(profile, ProtectionProfile::Aes128CmHmacSha1_80) && key.len() == 16 {
+                let session_key = derive(crypto, key, salt, LABEL_SRTP_ENCRYPTION, 0)?;
+                let session_salt = derive(crypto, key, salt, LABEL_SRTP_SALT, 0)?;
+                // A 160-bit key: two blocks of the key stream.
+                let mut auth = [0u8; 32];
+                auth[..16].copy_from_slice(&derive(
+                    crypto,
+                    key,
+                    salt,
+                    LABEL_SRTP_AUTHENTICATION,
+                    0,
+                )?);
+                auth[16..].copy_from_slice(&derive(
+                    crypto,
+                    key,
+                    salt,
+                    LABEL_SRTP_AUTHENTICATION,
+                    1,
+                )?);
+                let ctr = crypto
+                    .new_stream_cipher(StreamCipherAlgorithm::Aes128Ctr, &session_key)
+                    .ok()?;
+                let mac = crypto.new_hmac(HmacAlgorithm::Sha1, &auth[..20]).ok()?;
+                let mut salt = [0u8; 14];
+                salt.copy_from_slice(&session_salt[..14]);
+                How::CmHmac { ctr, mac, salt }
+            } else {
+                How::Context(Context::new(key, salt, profile, None, None, crypto).ok()?)
+            },
+        )
+    }
+
+    fn seal_in_place(
+        &mut self,
+        buf: &mut BytesMut,
+        header_len: usize,
+        ssrc: u32,
+        seq: u16,
+        roc: u32,
+    ) -> Result<(), CryptoError> {
+        match self {
+            How::Gcm { aead, salt } => {
+                let nonce = gcm_nonce(salt, ssrc, seq, roc);
+                buf.extend_from_slice(&[0u8; GCM_TAG]);
+                let (aad, rest) = buf.split_at_mut(header_len);
+                let (body, tag) = rest.split_at_mut(rest.len() - GCM_TAG);
+                aead.seal_in_place(&nonce, aad, body, tag)
+            }
+            How::CmHmac { ctr, mac, salt } => {
+                ctr.apply_keystream(&ctr_iv(salt, ssrc, seq, roc), &mut buf[header_len..])?;
+                // §4.2: the tag covers the packet and the rollover counter.
+                let mut tag = [0u8; 20];
+                mac.sign(&[&buf[..], &roc.to_be_bytes()], &mut tag)?;
+                buf.extend_from_slice(&tag[..HMAC_SHA1_80_TAG]);
+                Ok(())
+            }
+            // The other profiles go through rtc's context (`seal`).
+            How::Context(_) => Err(not_in_place()),
+        }
+    }
+
+    /// Authenticates and decrypts the SRTP packet `buf` holds, in place, and drops its tag.
+    pub(crate) fn open_in_place(
+        &mut self,
+        buf: &mut [u8],
+        header_len: usize,
+        ssrc: u32,
+        seq: u16,
+        roc: u32,
+    ) -> Result<usize, CryptoError> {
+        match self {
+            How::Gcm { aead, salt } => {
+                let Some(body_end) = buf.len().checked_sub(GCM_TAG).filter(|e| *e >= header_len)
+                else {
+                    return Err(CryptoError::AuthenticationFailed);
+                };
+                let nonce = gcm_nonce(salt, ssrc, seq, roc);
+                let (aad, rest) = buf.split_at_mut(header_len);
+                let (body, tag) = rest.split_at_mut(body_end - header_len);
+                aead.open_in_place(&nonce, aad, body, tag)?;
+                Ok(body_end)
+            }
+            How::CmHmac { ctr, mac, salt } => {
+                let Some(body_end) = buf
+                    .len()
+                    .checked_sub(HMAC_SHA1_80_TAG)
+                    .filter(|e| *e >= header_len)
+                else {
+                    return Err(CryptoError::AuthenticationFailed);
+                };
+                let mut tag = [0u8; 20];
+                mac.sign(&[&buf[..body_end], &roc.to_be_bytes()], &mut tag)?;
+                // In constant time: the difference of every byte, folded.
+                let diff = tag[..HMAC_SHA1_80_TAG]
+                    .iter()
+                    .zip(&buf[body_end..])
+                    .fold(0u8, |d, (a, b)| d | (a ^ b));
+                if diff != 0 {
+                    return Err(CryptoError::AuthenticationFailed);
+                }
+                ctr.apply_keystream(
+                    &ctr_iv(salt, ssrc, seq, roc),
+                    &mut buf[header_len..body_end],
+                )?;
+                Ok(body_end)
+            }
+            How::Context(_) => Err(not_in_place()),
+        }
+    }
+}
+
+fn not_in_place() -> CryptoError {
+    CryptoError::UnsupportedAlgorithm(CryptoAlgorithm::Aead(AeadAlgorithm::Aes128Gcm))
+}
+
+/// RFC 7714 §8.1: the 12-byte IV is the session salt XOR (SSRC, ROC, SEQ).
+fn gcm_nonce(salt: &[u8; 12], ssrc: u32, seq: u16, roc: u32) -> [u8; 12] {
+    let mut nonce = [0u8; 12];
+    nonce[2..6].copy_from_slice(&ssrc.to_be_bytes());
+    nonce[6..10].copy_from_slice(&roc.to_be_bytes());
+    nonce[10..12].copy_from_slice(&seq.to_be_bytes());
+    for (n, s) in nonce.iter_mut().zip(salt.iter()) {
+        *n ^= s;
+    }
+    nonce
+}
+
+/// RFC 3711 §4.1.1: IV = (salt · 2^16) ⊕ (SSRC · 2^64) ⊕ (index · 2^16).
+fn ctr_iv(salt: &[u8; 14], ssrc: u32, seq: u16, roc: u32) -> [u8; 16] {
+    let mut iv = [0u8; 16];
+    iv[4..8].copy_from_slice(&ssrc.to_be_bytes());
+    iv[8..12].copy_from_slice(&roc.to_be_bytes());
+    iv[12..14].copy_from_slice(&seq.to_be_bytes());
+    for (v, s) in iv.iter_mut().zip(salt.iter()) {
+        *v ^= s;
+    }
+    iv
+}
+
+/// The connection's inbound SRTP, owned by the SFU: opens a publisher's media in place.
+pub struct Opener {
+    pub profile: ProtectionProfile,
+    how: How,
+}
+
+impl Opener {
+    /// The captured key and profile under which `srtp` (an RTP packet the remote end sent)
+    /// authenticates. Only the profiles that open in place qualify.
+    pub fn find(keys: &KeyCapture, srtp: &[u8]) -> Option<Opener> {
+        let provider = rtc::crypto::default_provider().ok()?;
+        let crypto = provider.crypto();
+        let found = keys.candidates().into_iter().find_map(|(key, block)| {
+            PROFILES.into_iter().find_map(|profile| {
+                if profile.key_len() != key.len() || profile.salt_len() > 14 {
+                    return None;
+                }
+                let salt = &block[..profile.salt_len()];
+                let mut probe = Context::new(&key, salt, profile, None, None, crypto).ok()?;
+                probe.decrypt_rtp(srtp).ok()?;
+                let how = How::new(&key, salt, profile, crypto)?;
+                (!matches!(how, How::Context(_))).then_some(Opener { profile, how })
+            })
+        });
+        if found.is_some() {
+            keys.clear();
+        }
+        found
+    }
+
+    /// Authenticates and decrypts the SRTP packet in `buf` (its first `header_len` bytes are
+    /// the header); returns where the payload ends (the tag is not part of it).
+    pub fn open_in_place(
+        &mut self,
+        buf: &mut [u8],
+        header_len: usize,
+        ssrc: u32,
+        seq: u16,
+        roc: u32,
+    ) -> Result<usize, CryptoError> {
+        self.how.open_in_place(buf, header_len, ssrc, seq, roc)
     }
 }
 
@@ -373,17 +515,30 @@ pub struct Rollover(Option<u64>);
 
 impl Rollover {
     pub fn roc(&mut self, seq: u16) -> u32 {
-        let ext = match self.0 {
+        let ext = self.extend(seq);
+        self.note(ext);
+        (ext >> 16) as u32
+    }
+
+    /// The extended sequence number nearest the highest seen (RFC 3711 §3.3.1).
+    pub fn extend(&self, seq: u16) -> u64 {
+        match self.0 {
             None => u64::from(seq),
             Some(last) => {
                 let back = i64::from(seq.wrapping_sub(last as u16) as i16);
                 (last as i64 + back).max(0) as u64
             }
-        };
+        }
+    }
+
+    pub fn note(&mut self, ext: u64) {
         if self.0.is_none_or(|last| ext > last) {
             self.0 = Some(ext);
         }
-        (ext >> 16) as u32
+    }
+
+    pub fn highest(&self) -> Option<u64> {
+        self.0
     }
 }
 
@@ -717,6 +872,7 @@ mod tests {
         assert!(ours.in_place());
         let mut theirs = Context::new(&key, salt, profile, None, None, crypto).unwrap();
         let mut roc = Rollover::default();
+        let mut opener: Option<Opener> = None;
         let payload = vec![0x5Au8; 700];
         for (i, seq) in (65_530u16..=65_535).chain(0..6).enumerate() {
             let twcc = (i % 2 == 0).then_some((5u8, i as u16));
@@ -724,11 +880,41 @@ mod tests {
             let n = write_header(&mut buf, i % 3 == 0, 96, seq, 9000 * i as u32, 0xCAFE, twcc);
             buf.extend_from_slice(&payload);
             let plain = buf.clone();
-            ours.seal_in_place(&mut buf, n, 0xCAFE, seq, roc.roc(seq))
-                .unwrap();
+            let r = roc.roc(seq);
+            ours.seal_in_place(&mut buf, n, 0xCAFE, seq, r).unwrap();
             let header = rtc::rtp::header::Header::unmarshal(&mut &plain[..]).unwrap();
             let expected = theirs.encrypt_rtp_with_header(&plain, &header).unwrap();
             assert_eq!(&buf[..], &expected[..], "packet {seq}");
+
+            // The receiving side: found from rtc's packet among the captured keys, it opens
+            // what rtc sealed, and refuses it altered.
+            let opener = opener.get_or_insert_with(|| {
+                let keys = KeyCapture::default();
+                let mut block = [0u8; 16];
+                block[..salt.len()].copy_from_slice(salt);
+                keys.0.lock().unwrap().push((vec![0x22u8; 16], block));
+                keys.0.lock().unwrap().push((key.to_vec(), block));
+                Opener::find(&keys, &expected).expect("the key that sealed it")
+            });
+            let mut altered = expected.to_vec();
+            altered[n + 3] ^= 0x40;
+            assert!(
+                opener
+                    .open_in_place(&mut altered, n, 0xCAFE, seq, r)
+                    .is_err()
+            );
+            let mut opened = expected.to_vec();
+            let end = opener
+                .open_in_place(&mut opened, n, 0xCAFE, seq, r)
+                .unwrap();
+            assert_eq!(&opened[..end], &plain[..], "opened {seq}");
+            let wrong_roc = r.wrapping_add(1);
+            let mut opened = expected.to_vec();
+            assert!(
+                opener
+                    .open_in_place(&mut opened, n, 0xCAFE, seq, wrong_roc)
+                    .is_err()
+            );
         }
     }
 

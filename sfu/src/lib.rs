@@ -20,6 +20,7 @@ pub mod driver;
 pub mod engine;
 pub mod fastpath;
 pub mod forwarder;
+pub mod inbound;
 
 use std::fmt;
 

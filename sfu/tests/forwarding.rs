@@ -139,6 +139,8 @@ struct Net {
     discarded: u64,
     /// Drop the next this many RTP datagrams the SFU sends to this address with this SSRC.
     lose: Option<(SocketAddr, u32, usize)>,
+    /// Copies of the RTP datagrams sent to this address with this SSRC.
+    tap: Option<(SocketAddr, u32, Vec<BytesMut>)>,
 }
 
 impl Net {
@@ -159,6 +161,7 @@ impl Net {
             next_port: 40001,
             discarded: 0,
             lose: None,
+            tap: None,
         }
     }
 
@@ -335,6 +338,14 @@ impl Net {
     }
 
     fn deliver(&mut self, from: SocketAddr, to: SocketAddr, data: BytesMut) {
+        if let Some((addr, ssrc, copies)) = self.tap.as_mut()
+            && *addr == to
+            && data.len() >= 12
+            && !(192..224).contains(&data[1])
+            && data[8..12] == ssrc.to_be_bytes()
+        {
+            copies.push(data.clone());
+        }
         if let Some((addr, ssrc, n)) = self.lose.as_mut()
             && *addr == to
             && *n > 0
@@ -1104,9 +1115,10 @@ fn vanished_subscriber_does_not_stall_others() {
 
 /// The publisher's leg: the SFU asks again for what it lost (NACK) and tells the publisher's
 /// bandwidth estimator what arrived when (TWCC feedback); the subscribers get every packet.
-#[test]
-fn publisher_gets_nacks_and_transport_feedback() {
+/// The same whether the SFU opens the publisher's media itself or rtc does.
+fn publisher_leg(fast_path: bool) {
     let mut net = Net::new();
+    net.sfu.set_fast_path(fast_path);
     let room = Net::room();
     let bob = net.subscriber(&room, "bob");
     let alice = net.publisher(&room, "alice");
@@ -1116,7 +1128,7 @@ fn publisher_gets_nacks_and_transport_feedback() {
 
     let sfu_addr = net.sfu_addr;
     net.lose = Some((sfu_addr, PUB_VIDEO_SSRC, 3));
-    let (v, _) = net.stream(alice, 60, 60, "main");
+    let (v, a) = net.stream(alice, 60, 60, "main");
     net.run_for(Duration::from_secs(1));
     assert_eq!(net.lose.unwrap().2, 0, "three publisher packets were lost");
     let pub_client = &net.clients[alice];
@@ -1134,4 +1146,55 @@ fn publisher_gets_nacks_and_transport_feedback() {
         &v,
         "the publisher's repairs reached the subscriber",
     );
+    assert_received_all(&net, bob, audio, "main", &a, PUB_AUDIO_SSRC);
+    let stats = net.sfu.stats();
+    assert_eq!(
+        stats.receive_fast_path_connections,
+        u64::from(fast_path),
+        "{stats:?}"
+    );
+    assert_eq!(stats.rejected_srtp, 0);
+}
+
+#[test]
+fn publisher_gets_nacks_and_transport_feedback() {
+    publisher_leg(true);
+}
+
+#[test]
+fn publisher_gets_nacks_and_transport_feedback_through_rtc() {
+    publisher_leg(false);
+}
+
+/// A publisher's packet replayed, or altered on the way, is refused: subscribers get each
+/// packet once, and nothing the publisher did not send.
+#[test]
+fn replayed_and_altered_publisher_packets_are_refused() {
+    let mut net = Net::new();
+    let room = Net::room();
+    let bob = net.subscriber(&room, "bob");
+    let alice = net.publisher(&room, "alice");
+    let (video, audio) = net.start_publishing(alice);
+    net.wait_subscribed(bob, &[video, audio]);
+    net.stream(alice, 0, 10, "warm");
+
+    net.tap = Some((net.sfu_addr, PUB_AUDIO_SSRC, Vec::new()));
+    let (_, a) = net.stream(alice, 0, 20, "main");
+    let copies = net.tap.take().unwrap().2;
+    assert_eq!(copies.len(), 20);
+    let from = net.clients[alice].addr;
+    let now = net.now;
+    for d in &copies {
+        net.sfu.handle_datagram(now, from, d);
+        let mut altered = d.clone();
+        let last = altered.len() - 20;
+        altered[last] ^= 1;
+        net.sfu.handle_datagram(now, from, &altered);
+    }
+    net.run_for(Duration::from_millis(200));
+    assert_eq!(net.sfu.stats().rejected_srtp, 40);
+    assert_received_all(&net, bob, audio, "main", &a, PUB_AUDIO_SSRC);
+    // The session goes on.
+    let (_, a) = net.stream(alice, 0, 10, "after");
+    assert_received_all(&net, bob, audio, "after", &a, PUB_AUDIO_SSRC);
 }

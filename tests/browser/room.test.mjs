@@ -77,6 +77,10 @@ test('two members see each other, a third comes and goes', async () => {
   const counter = (name) => Number(metrics.match(new RegExp(`^${name} (\\d+)$`, 'm'))?.[1]);
   assert.ok(counter('dangjian_sfu_fast_path_connections_total') >= 2, metrics);
   assert.equal(counter('dangjian_sfu_rtc_path_connections_total'), 0);
+  // And it opened Chromium's media itself (its receive fast path found the remote key), with
+  // nothing refused.
+  assert.ok(counter('dangjian_sfu_receive_fast_path_connections_total') >= 2, metrics);
+  assert.equal(counter('dangjian_sfu_rejected_srtp_total'), 0, metrics);
   // Chromium's fake microphone beeps: the server names bob as a speaker, and his tile lights up.
   await waitFor('alice told that bob speaks', () => a.page.evaluate(() => window.__room.speakersSeen.has('bob')));
 
