@@ -242,6 +242,7 @@ async fn run(
 ) {
     let mut buf = vec![0u8; 2048];
     let mut send_drops = 0u64;
+    let mut out = Batch::default();
     let (tcp_tx, mut tcp_rx) = mpsc::channel::<TcpInput>(1024);
     let mut tcp_writers: HashMap<SocketAddr, mpsc::Sender<Bytes>> = HashMap::new();
     loop {
@@ -259,7 +260,7 @@ async fn run(
                     let Ok((n, from)) = socket.try_recv_from(&mut buf) else {
                         break;
                     };
-                    send_all(&mut sfu, &socket, &tcp_writers, &mut send_drops);
+                    send_all(&mut sfu, &socket, &tcp_writers, &mut out, &mut send_drops);
                     sfu.handle_datagram(Instant::now(), from, &buf[..n]);
                 }
             }
@@ -309,7 +310,7 @@ async fn run(
             }
             _ = tokio::time::sleep_until(deadline.into()) => sfu.handle_timeout(Instant::now()),
         }
-        send_all(&mut sfu, &socket, &tcp_writers, &mut send_drops);
+        send_all(&mut sfu, &socket, &tcp_writers, &mut out, &mut send_drops);
         while let Some(ev) = sfu.poll_event() {
             let _ = events.send(ev);
         }
@@ -320,23 +321,96 @@ async fn run(
 const RECV_BATCH: usize = 64;
 
 /// Puts everything the SFU has to send on the wire. Never waits on a socket: a full buffer
-/// costs this packet, not everyone's.
+/// costs the datagrams that did not fit (counted), never a stalled loop.
 fn send_all(
     sfu: &mut Sfu,
     socket: &UdpSocket,
     tcp_writers: &HashMap<SocketAddr, mpsc::Sender<Bytes>>,
+    out: &mut Batch,
     send_drops: &mut u64,
 ) {
     while let Some(t) = sfu.poll_transmit() {
-        let sent = if t.tcp {
-            tcp_writers
+        if t.tcp {
+            let sent = tcp_writers
                 .get(&t.to)
-                .is_some_and(|w| w.try_send(t.data).is_ok())
-        } else {
-            socket.try_send_to(&t.data, t.to).is_ok()
-        };
-        if !sent {
-            *send_drops += 1;
+                .is_some_and(|w| w.try_send(t.data).is_ok());
+            *send_drops += u64::from(!sent);
+            continue;
         }
+        out.queue.push(t);
+        if out.queue.len() == SEND_BATCH {
+            *send_drops += out.flush(socket);
+        }
+    }
+    *send_drops += out.flush(socket);
+}
+
+/// Datagrams handed to the kernel in one system call.
+const SEND_BATCH: usize = 64;
+
+/// UDP datagrams waiting for one `sendmmsg` (one `sendto` each where there is none).
+#[derive(Default)]
+struct Batch {
+    queue: Vec<crate::core::Transmit>,
+}
+
+impl Batch {
+    /// Sends what is queued; returns how many datagrams were dropped.
+    #[cfg(target_os = "linux")]
+    fn flush(&mut self, socket: &UdpSocket) -> u64 {
+        use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, sendmmsg};
+        use std::io::IoSlice;
+        use std::os::fd::AsRawFd;
+        let mut dropped = 0;
+        let mut from = 0;
+        while from < self.queue.len() {
+            let rest = &self.queue[from..];
+            let slices: Vec<[IoSlice<'_>; 1]> =
+                rest.iter().map(|t| [IoSlice::new(&t.data)]).collect();
+            let addrs: Vec<Option<SockaddrStorage>> = rest
+                .iter()
+                .map(|t| Some(SockaddrStorage::from(t.to)))
+                .collect();
+            // Built per call: it holds raw pointers, so it cannot live in the (Send) driver task.
+            let mut headers = MultiHeaders::preallocate(rest.len(), None);
+            let sent = socket.try_io(tokio::io::Interest::WRITABLE, || {
+                sendmmsg(
+                    socket.as_raw_fd(),
+                    &mut headers,
+                    &slices,
+                    &addrs,
+                    [],
+                    MsgFlags::MSG_DONTWAIT,
+                )
+                .map(|r| r.count())
+                .map_err(io::Error::from)
+            });
+            match sent {
+                Ok(n) if n > 0 => from += n,
+                // The buffer is full: the rest is dropped, as a lone sendto would drop it.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    dropped += (self.queue.len() - from) as u64;
+                    break;
+                }
+                // The first datagram could not go (its destination unreachable, say): skip it.
+                _ => {
+                    dropped += 1;
+                    from += 1;
+                }
+            }
+        }
+        self.queue.clear();
+        dropped
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn flush(&mut self, socket: &UdpSocket) -> u64 {
+        let dropped = self
+            .queue
+            .iter()
+            .filter(|t| socket.try_send_to(&t.data, t.to).is_err())
+            .count();
+        self.queue.clear();
+        dropped as u64
     }
 }

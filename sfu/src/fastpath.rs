@@ -48,8 +48,9 @@ pub struct KeyCapture(Arc<Mutex<Vec<Derivation>>>);
 /// A master key and the first block derived with it.
 type Derivation = (Vec<u8>, [u8; 16]);
 
-/// A connection builds two SRTP contexts (local, remote), each deriving several session keys.
-const MAX_CAPTURED: usize = 16;
+/// A connection builds two SRTP contexts (local, remote), each deriving up to eight key blocks
+/// (SRTP and SRTCP: encryption, two for authentication, salt); room to spare.
+const MAX_CAPTURED: usize = 32;
 
 impl KeyCapture {
     /// A crypto provider for one connection: `rtc`'s default, noting what SRTP derives keys from.

@@ -12,8 +12,9 @@
 //! [`engine`] (how a server-side `rtc` peer connection is built), and [`fastpath`] (the send side
 //! the core runs itself: forwarded media is protected with the subscriber connection's own SRTP
 //! key, numbered for TWCC, kept for RTX and reported in sender reports, instead of walking `rtc`'s
-//! send pipeline). Datagrams reach a peer by the ICE ufrag of their first STUN check, then by
-//! source address.
+//! send pipeline), and [`inbound`] (the receive side it runs too: publishers' media opened with the
+//! connection's remote key, replays refused, NACKs, transport-wide feedback and receiver reports).
+//! Datagrams reach a peer by the ICE ufrag of their first STUN check, then by source address.
 
 pub mod core;
 pub mod driver;
