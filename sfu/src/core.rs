@@ -795,74 +795,59 @@ impl Sfu {
     /// Sender reports for every stream the SFU sends (receivers use them to line up audio with
     /// video, and for round-trip times), and old send history written off.
     fn send_reports(&mut self, now: Instant) {
-        let subs: Vec<PeerId> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.connected && p.out.is_some())
-            .map(|(id, _)| *id)
-            .collect();
-        for sub in subs {
-            let Some(p) = self.peers.get_mut(&sub) else {
-                continue;
-            };
-            let Some(out) = p.out.as_mut() else {
-                continue;
+        self.send_rtcp(now, |p| {
+            let Peer { out, consumers, .. } = p;
+            let Some(out) = out.as_mut() else {
+                return Vec::new();
             };
             out.cc.on_tick(now);
-            let reports: Vec<Box<dyn rtc::rtcp::Packet>> = p
-                .consumers
+            consumers
                 .values()
                 .filter_map(|c| {
                     let (ssrc, _) = c.ssrc_pt?;
                     let sr = c.send_stats.report(now, ssrc, c.clock_rate, &out.wall)?;
                     Some(Box::new(sr) as Box<dyn rtc::rtcp::Packet>)
                 })
-                .collect();
-            if reports.is_empty() {
-                continue;
-            }
-            let _ = p.pc.handle_write(TaggedRTCMessage {
-                now,
-                message: RTCMessage::RtcpPacket(String::new(), reports),
-            });
-            self.drain_writes(sub);
-        }
+                .collect()
+        });
     }
 
     /// What publishers are owed as receivers: transport-wide feedback (their bandwidth estimate
     /// depends on it) and NACKs for lost packets.
     fn send_feedback(&mut self, now: Instant) {
-        self.send_to_publishers(now, |inb| inb.feedback(now));
+        self.send_rtcp(now, |p| {
+            p.inb.as_mut().map(|i| i.feedback(now)).unwrap_or_default()
+        });
     }
 
     fn send_receiver_reports(&mut self, now: Instant) {
-        self.send_to_publishers(now, |inb| {
-            inb.report(now)
+        self.send_rtcp(now, |p| {
+            p.inb
+                .as_mut()
+                .and_then(|i| i.report(now))
                 .map(|rr| Box::new(rr) as Box<dyn rtc::rtcp::Packet>)
                 .into_iter()
                 .collect()
         });
     }
 
-    fn send_to_publishers(
+    /// Sends each connected peer the RTCP `what` makes for it (rtc protects it).
+    fn send_rtcp(
         &mut self,
         now: Instant,
-        mut what: impl FnMut(&mut Inbound) -> Vec<Box<dyn rtc::rtcp::Packet>>,
+        mut what: impl FnMut(&mut Peer) -> Vec<Box<dyn rtc::rtcp::Packet>>,
     ) {
-        let pubs: Vec<PeerId> = self
+        let ids: Vec<PeerId> = self
             .peers
             .iter()
-            .filter(|(_, p)| p.connected && p.inb.is_some())
+            .filter(|(_, p)| p.connected)
             .map(|(id, _)| *id)
             .collect();
-        for id in pubs {
+        for id in ids {
             let Some(p) = self.peers.get_mut(&id) else {
                 continue;
             };
-            let Some(inb) = p.inb.as_mut() else {
-                continue;
-            };
-            let pkts = what(inb);
+            let pkts = what(p);
             if pkts.is_empty() {
                 continue;
             }

@@ -77,6 +77,26 @@ impl KeyCapture {
         out
     }
 
+    /// The first of `accept`'s answers over every captured key and profile that fit each other;
+    /// it gets an rtc SRTP context made from them to try a datagram with.
+    fn find<T>(
+        &self,
+        mut accept: impl FnMut(Context, &[u8], &[u8], ProtectionProfile, &dyn RTCCrypto) -> Option<T>,
+    ) -> Option<T> {
+        let provider = rtc::crypto::default_provider().ok()?;
+        let crypto = provider.crypto();
+        self.candidates().into_iter().find_map(|(key, block)| {
+            PROFILES.into_iter().find_map(|profile| {
+                if profile.key_len() != key.len() || profile.salt_len() > 14 {
+                    return None;
+                }
+                let salt = &block[..profile.salt_len()];
+                let probe = Context::new(&key, salt, profile, None, None, crypto).ok()?;
+                accept(probe, &key, salt, profile, crypto)
+            })
+        })
+    }
+
     /// Forgets the keys once they are no longer needed.
     fn clear(&self) {
         if let Ok(mut s) = self.0.lock() {
@@ -232,18 +252,9 @@ impl Sealer {
     /// The captured key and profile under which `srtcp` (a datagram rtc protected on this
     /// connection) authenticates, ready to protect RTP.
     pub fn find(keys: &KeyCapture, srtcp: &[u8]) -> Option<Sealer> {
-        let provider = rtc::crypto::default_provider().ok()?;
-        let crypto = provider.crypto();
-        let found = keys.candidates().into_iter().find_map(|(key, block)| {
-            PROFILES.into_iter().find_map(|profile| {
-                if profile.key_len() != key.len() || profile.salt_len() > 14 {
-                    return None;
-                }
-                let salt = &block[..profile.salt_len()];
-                let mut probe = Context::new(&key, salt, profile, None, None, crypto).ok()?;
-                probe.decrypt_rtcp(srtcp).ok()?;
-                Sealer::new(&key, salt, profile, crypto)
-            })
+        let found = keys.find(|mut probe, key, salt, profile, crypto| {
+            probe.decrypt_rtcp(srtcp).ok()?;
+            Sealer::new(key, salt, profile, crypto)
         });
         keys.clear();
         found
@@ -461,19 +472,10 @@ impl Opener {
     /// The captured key and profile under which `srtp` (an RTP packet the remote end sent)
     /// authenticates. Only the profiles that open in place qualify.
     pub fn find(keys: &KeyCapture, srtp: &[u8]) -> Option<Opener> {
-        let provider = rtc::crypto::default_provider().ok()?;
-        let crypto = provider.crypto();
-        let found = keys.candidates().into_iter().find_map(|(key, block)| {
-            PROFILES.into_iter().find_map(|profile| {
-                if profile.key_len() != key.len() || profile.salt_len() > 14 {
-                    return None;
-                }
-                let salt = &block[..profile.salt_len()];
-                let mut probe = Context::new(&key, salt, profile, None, None, crypto).ok()?;
-                probe.decrypt_rtp(srtp).ok()?;
-                let how = How::new(&key, salt, profile, crypto)?;
-                (!matches!(how, How::Context(_))).then_some(Opener { profile, how })
-            })
+        let found = keys.find(|mut probe, key, salt, profile, crypto| {
+            probe.decrypt_rtp(srtp).ok()?;
+            let how = How::new(key, salt, profile, crypto)?;
+            (!matches!(how, How::Context(_))).then_some(Opener { profile, how })
         });
         if found.is_some() {
             keys.clear();
