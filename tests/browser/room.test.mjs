@@ -210,6 +210,16 @@ test('each viewer gets the simulcast layer that fits its screen', async () => {
     return c1 > 0 && b1 > c1 && [b1, c1];
   }, 40_000);
   assert.ok(big > small, `desktop ${big} px, phone ${small} px (alice sends ${publishes})`);
+  // Chromium's own bandwidth estimate, which lets it send the larger layers at all, rests on the
+  // server's transport-wide feedback: it has grown well past its 300 kb/s start.
+  const estimate = await waitFor('alice\'s send estimate above 1 Mb/s', () => a.page.evaluate(async () => {
+    let bps = 0;
+    (await window.__room.pub.getStats()).forEach((s) => {
+      if (s.type === 'candidate-pair' && s.nominated) bps = Math.max(bps, s.availableOutgoingBitrate || 0);
+    });
+    return bps > 1_000_000 && bps;
+  }), 20_000);
+  console.log(`alice's send estimate ${Math.round(estimate / 1000)} kb/s`);
   // With the desktop viewer gone nobody watches the larger layers: alice stops encoding them.
   await b.context.close();
   const paused = await waitFor('alice pausing the unwatched layers', () => a.page.evaluate(async () => {
