@@ -97,8 +97,18 @@ impl KeyCapture {
         })
     }
 
+    #[cfg(test)]
+    pub(crate) fn note_for_test(&self, key: Vec<u8>, block: [u8; 16]) {
+        self.0.lock().unwrap().push((key, block));
+    }
+
+    #[cfg(test)]
+    pub(crate) fn has_any(&self) -> bool {
+        !self.candidates().is_empty()
+    }
+
     /// Forgets the keys once they are no longer needed.
-    fn clear(&self) {
+    pub fn clear(&self) {
         if let Ok(mut s) = self.0.lock() {
             s.clear();
         }

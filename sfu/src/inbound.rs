@@ -160,7 +160,7 @@ impl Inbound {
             }
             None if tries + 1 >= FIND_TRIES => {
                 tracing::warn!("no SRTP key opened the publisher's media: receiving through rtc");
-                self.keys = KeyCapture::default();
+                self.keys.clear();
                 Open::Rtc
             }
             None => Open::Pending(tries + 1),
@@ -623,6 +623,23 @@ mod tests {
         }
         assert_eq!(s.arrived(t0, t0, 1, 0, true), Verdict::Drop);
         assert_eq!(s.arrived(t0, t0, 1, 0, false), Verdict::Forward);
+    }
+
+    #[test]
+    fn keys_that_open_nothing_leave_the_connection_to_rtc_and_are_forgotten() {
+        let keys = KeyCapture::default();
+        let mut inb = Inbound::new(Instant::now(), keys.clone(), 7);
+        keys.note_for_test(vec![1u8; 16], [2u8; 16]);
+        let packet = [
+            0x80u8, 96, 0, 1, 0, 0, 0, 1, 0, 0, 0, 5, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9,
+        ];
+        for _ in 1..FIND_TRIES {
+            assert!(!inb.try_find(&packet));
+            assert!(matches!(inb.open, Open::Pending(_)));
+        }
+        assert!(!inb.try_find(&packet));
+        assert!(matches!(inb.open, Open::Rtc));
+        assert!(!keys.has_any(), "the captured keys are dropped");
     }
 
     #[test]
