@@ -191,7 +191,7 @@ async fn roles_are_checked_on_every_endpoint(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(me["role"], "member");
-    assert_eq!(me["must_change_password"], true);
+    assert_eq!(me["must_change_password"], false, "chose their own");
     assert_eq!(
         member
             .get(app.url("/api/v1/users"))
@@ -313,6 +313,72 @@ async fn sign_in_form_needs_its_csrf_token(backend: Backend) {
     app.stop().await;
 }
 
+/// Someone signed in with the initial password an admin gave them may look at who they are and
+/// change it; nothing else, in the API or the pages, until they have.
+async fn an_initial_password_is_good_only_for_changing_it(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.sign_in_admin().await;
+    let r = app
+        .post_json("/api/v1/users", json!({"username": "wang.wu", "display_name": "王五", "password": "initial-pass-1", "role": "secretary"}))
+        .await;
+    assert_eq!(r.status(), 201);
+    let c = common::client();
+    let status = |r: reqwest::Response| r.status().as_u16();
+    let r = c
+        .post(app.url("/api/v1/session"))
+        .json(&json!({"username": "wang.wu", "password": "initial-pass-1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status(r), 200);
+    let me: Value = c
+        .get(app.url("/api/v1/me"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(me["must_change_password"], true);
+
+    let r = c.get(app.url("/api/v1/members")).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "password_change_required", "{body}");
+    let r = c
+        .post(app.url("/api/v1/rooms/branch-1/tokens"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status(r), 403, "no meeting tokens either");
+    for page in ["/members", "/orgs", "/"] {
+        let r = c.get(app.url(page)).send().await.unwrap();
+        assert_eq!(r.status(), 303, "{page}");
+        assert_eq!(r.headers()["location"], "/account/password", "{page}");
+    }
+    let r = c.get(app.url("/account/password")).send().await.unwrap();
+    assert_eq!(status(r), 200);
+
+    let r = c
+        .put(app.url("/api/v1/me/password"))
+        .json(&json!({"current_password": "initial-pass-1", "new_password": "wang-own-pass-5"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    // Now they may; with no org of their own they see no members (on both databases).
+    let r = c.get(app.url("/api/v1/members")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let list: Value = r.json().await.unwrap();
+    assert_eq!(list["total"], 0, "{list}");
+    assert_eq!(
+        status(c.get(app.url("/members")).send().await.unwrap()),
+        200
+    );
+    app.stop().await;
+}
+
 async fn generated_admin_must_change_password_first(backend: Backend) {
     // Without a configured password the first start makes one and forces a change.
     let dir = tempfile::tempdir().unwrap();
@@ -391,5 +457,6 @@ on_both_databases!(
     cross_site_requests_are_refused,
     sign_in_form_needs_its_csrf_token,
     generated_admin_must_change_password_first,
+    an_initial_password_is_good_only_for_changing_it,
     expired_sessions_are_purged,
 );

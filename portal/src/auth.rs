@@ -10,7 +10,8 @@ use argon2::password_hash::{
     PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng,
 };
 use axum::extract::FromRequestParts;
-use axum::http::{HeaderMap, header, request::Parts};
+use axum::http::{HeaderMap, Method, header, request::Parts};
+use axum::response::{IntoResponse, Redirect, Response};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -367,23 +368,50 @@ impl FromRequestParts<AppState> for CurrentUser {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
         let token = cookie(&parts.headers, SESSION_COOKIE)
             .ok_or_else(|| AppError::Unauthorized("not signed in".into()))?;
-        session_user(&state.db, token)
+        let user = session_user(&state.db, token)
             .await?
-            .map(CurrentUser)
-            .ok_or_else(|| AppError::Unauthorized("session expired or signed out".into()))
+            .ok_or_else(|| AppError::Unauthorized("session expired or signed out".into()))?;
+        if user.must_change_password && !allowed_before_password_change(parts) {
+            return Err(AppError::PasswordChangeRequired);
+        }
+        Ok(CurrentUser(user))
     }
+}
+
+/// What someone still holding an initial (or generated) password may do: see who they are,
+/// change it, sign out. Everything else waits for the change, so an initial password that
+/// travelled by SMS or on paper is good for nothing but that.
+fn allowed_before_password_change(parts: &Parts) -> bool {
+    let path = parts.uri.path();
+    matches!(
+        (&parts.method, path),
+        (&Method::GET, "/api/v1/me")
+            | (&Method::PUT, "/api/v1/me/password")
+            | (&Method::DELETE, "/api/v1/session")
+            | (&Method::GET | &Method::POST, "/account/password")
+            | (&Method::POST, "/logout")
+    )
 }
 
 /// The same, but absent instead of an error (for pages that redirect).
 pub struct MaybeUser(pub Option<User>);
 
+/// Pages: someone who must still change the initial password is sent to do so.
 impl FromRequestParts<AppState> for MaybeUser {
-    type Rejection = AppError;
+    type Rejection = Response;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
-        match cookie(&parts.headers, SESSION_COOKIE) {
-            Some(token) => Ok(MaybeUser(session_user(&state.db, token).await?)),
-            None => Ok(MaybeUser(None)),
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
+        let Some(token) = cookie(&parts.headers, SESSION_COOKIE) else {
+            return Ok(MaybeUser(None));
+        };
+        let user = session_user(&state.db, token)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        match user {
+            Some(u) if u.must_change_password && !allowed_before_password_change(parts) => {
+                Err(Redirect::to("/account/password").into_response())
+            }
+            user => Ok(MaybeUser(user)),
         }
     }
 }

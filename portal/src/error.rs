@@ -25,6 +25,9 @@ pub enum AppError {
     TooManyRequests(u64),
     #[error("{0}")]
     Unavailable(String),
+    /// Signed in with an initial password that has not been changed yet.
+    #[error("请先修改初始密码 (change your initial password first)")]
+    PasswordChangeRequired,
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
 }
@@ -48,7 +51,7 @@ impl AppError {
         match self {
             AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            AppError::Forbidden(_) => StatusCode::FORBIDDEN,
+            AppError::Forbidden(_) | AppError::PasswordChangeRequired => StatusCode::FORBIDDEN,
             AppError::NotFound => StatusCode::NOT_FOUND,
             AppError::Conflict(_) => StatusCode::CONFLICT,
             AppError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -63,6 +66,7 @@ impl AppError {
             AppError::BadRequest(_) => "bad_request",
             AppError::Unauthorized(_) => "unauthorized",
             AppError::Forbidden(_) => "forbidden",
+            AppError::PasswordChangeRequired => "password_change_required",
             AppError::NotFound => "not_found",
             AppError::Conflict(_) => "conflict",
             AppError::Unprocessable(_) => "unprocessable",

@@ -145,7 +145,9 @@ pub struct Scope {
 
 impl Scope {
     pub const ALL: &'static str = "/";
-    const NOTHING: &'static str = "\u{0}";
+    /// Every path starts with `/`. (Not NUL: PostgreSQL refuses it in text, which made every
+    /// scoped query of a user without an org fail there.)
+    const NOTHING: &'static str = "!";
 
     pub fn everything() -> Scope {
         Scope {

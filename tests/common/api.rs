@@ -62,13 +62,5 @@ pub async fn keeper(app: &TestApp, username: &str, role: &str, org: &str) -> req
     .await;
     assert_eq!(status, 201, "{v}");
     assert_eq!(v["org_id"], org);
-    let c = super::client();
-    let r = c
-        .post(app.url("/api/v1/session"))
-        .json(&json!({"username": username, "password": "initial-pass-1"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    c
+    app.signed_in_new_user(username).await
 }

@@ -190,6 +190,12 @@ impl TestApp {
             )
             .await;
         assert_eq!(r.status(), 201, "create {username}");
+        self.signed_in_new_user(username).await
+    }
+
+    /// A client signed in as a user just made with the initial password `initial-pass-1`, who
+    /// has chosen their own (`own-pass-1234`): nothing else is allowed before that.
+    pub async fn signed_in_new_user(&self, username: &str) -> reqwest::Client {
         let c = client();
         let r = c
             .post(self.url("/api/v1/session"))
@@ -198,6 +204,13 @@ impl TestApp {
             .await
             .unwrap();
         assert_eq!(r.status(), 200);
+        let r = c
+            .put(self.url("/api/v1/me/password"))
+            .json(&json!({"current_password": "initial-pass-1", "new_password": "own-pass-1234"}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{username} chooses a password");
         c
     }
 
