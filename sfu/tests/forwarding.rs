@@ -1166,8 +1166,9 @@ fn publisher_gets_nacks_and_transport_feedback_through_rtc() {
     publisher_leg(false);
 }
 
-/// A publisher's packet replayed, or altered on the way, is refused: subscribers get each
-/// packet once, and nothing the publisher did not send.
+/// A publisher's packet replayed, altered on the way, or forged (junk from its address) is
+/// refused: subscribers get each packet once, nothing the publisher did not send, and the
+/// session goes on.
 #[test]
 fn replayed_and_altered_publisher_packets_are_refused() {
     let mut net = Net::new();
@@ -1194,6 +1195,30 @@ fn replayed_and_altered_publisher_packets_are_refused() {
     net.run_for(Duration::from_millis(200));
     assert_eq!(net.sfu.stats().rejected_srtp, 40);
     assert_received_all(&net, bob, audio, "main", &a, PUB_AUDIO_SSRC);
+
+    // Junk that looks like RTP, from the publisher's own address: headers with and without
+    // extensions (some lying about their length), padding flags, the known SSRC or others.
+    let mut x: u32 = 0x1234_5678;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        x
+    };
+    for i in 0..300 {
+        let len = 12 + (next() % 300) as usize;
+        let mut d: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        d[0] = 0x80 | (next() as u8 & 0x3f);
+        d[1] = 96 + (next() % 16) as u8;
+        if i % 2 == 0 {
+            d[8..12].copy_from_slice(&PUB_AUDIO_SSRC.to_be_bytes());
+        }
+        net.sfu.handle_datagram(now, from, &d);
+    }
+    assert!(
+        net.sfu.stats().rejected_srtp > 40,
+        "forged packets of a known stream refused"
+    );
     // The session goes on.
     let (_, a) = net.stream(alice, 0, 10, "after");
     assert_received_all(&net, bob, audio, "after", &a, PUB_AUDIO_SSRC);
