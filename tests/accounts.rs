@@ -322,15 +322,8 @@ async fn an_initial_password_is_good_only_for_changing_it(backend: Backend) {
         .post_json("/api/v1/users", json!({"username": "wang.wu", "display_name": "王五", "password": "initial-pass-1", "role": "secretary"}))
         .await;
     assert_eq!(r.status(), 201);
-    let c = common::client();
+    let c = app.signed_in("wang.wu", "initial-pass-1").await;
     let status = |r: reqwest::Response| r.status().as_u16();
-    let r = c
-        .post(app.url("/api/v1/session"))
-        .json(&json!({"username": "wang.wu", "password": "initial-pass-1"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(status(r), 200);
     let me: Value = c
         .get(app.url("/api/v1/me"))
         .send()

@@ -26,7 +26,7 @@ use rtc::rtcp::sender_report::SenderReport;
 use rtc::rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::{
-    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RTCRtpParameters, RtpCodecKind,
 };
 use rtc::rtp_transceiver::{
     RTCRtpReceiverId, RTCRtpSenderId, RTCRtpTransceiverDirection, RTCRtpTransceiverId,
@@ -1115,16 +1115,7 @@ impl Sfu {
             self.stats.rejected_srtp += 1;
             return true;
         };
-        let pad = if view.padding {
-            usize::from(buf[end - 1])
-        } else {
-            0
-        };
-        if end - view.header_len < pad || (view.padding && pad == 0) {
-            self.stats.rejected_srtp += 1;
-            return true;
-        }
-        let payload = buf.freeze().slice(view.header_len..end - pad);
+        let payload = buf.freeze().slice(view.header_len..end);
         self.stats.rtp_in += 1;
         let m = Incoming {
             ssrc: view.ssrc,
@@ -1157,21 +1148,17 @@ impl Sfu {
 
     pub fn handle_timeout(&mut self, now: Instant) {
         self.rearm_dirty();
-        if self.producers.is_empty() {
-            self.next_tick = None;
-        } else if self.next_tick.is_none_or(|t| t <= now) {
-            if self.next_tick.is_some() {
-                self.tick(now);
-            }
-            self.next_tick = Some(now + TICK);
+        let media = !self.producers.is_empty();
+        if periodic(&mut self.next_tick, now, TICK, media) {
+            self.tick(now);
         }
-        if self.producers.is_empty() {
-            self.next_feedback = None;
-        } else if self.next_feedback.is_none_or(|t| t <= now) {
-            if self.next_feedback.is_some() {
-                self.send_feedback(now);
-            }
-            self.next_feedback = Some(now + inbound::FEEDBACK_INTERVAL);
+        if periodic(
+            &mut self.next_feedback,
+            now,
+            inbound::FEEDBACK_INTERVAL,
+            media,
+        ) {
+            self.send_feedback(now);
         }
         if self.next_pli.is_some_and(|t| t <= now) {
             self.send_deferred_plis(now);
@@ -1481,22 +1468,16 @@ impl Sfu {
                 } else {
                     MediaKind::Video
                 };
-                let audio_level_id = p.pc.rtp_receiver(init.receiver_id).and_then(|mut r| {
-                    r.get_parameters()
-                        .rtp_parameters
-                        .header_extensions
-                        .iter()
-                        .find(|e| e.uri == engine::AUDIO_LEVEL_URI)
-                        .and_then(|e| u8::try_from(e.id).ok())
-                });
-                let twcc_id = p.pc.rtp_receiver(init.receiver_id).and_then(|mut r| {
-                    r.get_parameters()
-                        .rtp_parameters
-                        .header_extensions
-                        .iter()
-                        .find(|e| e.uri == rtc::sdp::extmap::TRANSPORT_CC_URI)
-                        .and_then(|e| u8::try_from(e.id).ok())
-                });
+                let (audio_level_id, twcc_id) =
+                    p.pc.rtp_receiver(init.receiver_id)
+                        .map(|mut r| {
+                            let params = &r.get_parameters().rtp_parameters;
+                            (
+                                extension_id(params, engine::AUDIO_LEVEL_URI),
+                                extension_id(params, rtc::sdp::extmap::TRANSPORT_CC_URI),
+                            )
+                        })
+                        .unwrap_or_default();
                 let id = ProducerId(self.next_id + 1);
                 self.next_id += 1;
                 p.producers.insert(init.track_id.clone(), id);
@@ -1596,14 +1577,10 @@ impl Sfu {
             return;
         };
         let h = &pkt.header;
-        if let Some(inb) = p.inb.as_mut() {
-            let epoch = inb.epoch();
-            if let Some(s) = inb.stream(h.ssrc)
-                && s.arrived(now, epoch, h.sequence_number, h.timestamp, false)
-                    == inbound::Verdict::Drop
-            {
-                return;
-            }
+        if p.inb.as_mut().is_some_and(|inb| {
+            inb.arrived(now, h.ssrc, h.sequence_number, h.timestamp) == inbound::Verdict::Drop
+        }) {
+            return;
         }
         let audio_level = self
             .producers
@@ -1703,6 +1680,21 @@ impl Sfu {
             }
         }
     }
+}
+
+/// A timer that runs every `every` while `running`: whether it fires now (not when it is first
+/// armed).
+fn periodic(next: &mut Option<Instant>, now: Instant, every: Duration, running: bool) -> bool {
+    if !running {
+        *next = None;
+        return false;
+    }
+    if next.is_some_and(|t| t > now) {
+        return false;
+    }
+    let fires = next.is_some();
+    *next = Some(now + every);
+    fires
 }
 
 /// A publisher's packet as the forwarding path reads it, whichever path opened it.
@@ -1948,12 +1940,19 @@ fn fill_header<'h>(
 
 /// The negotiated id of the transport-wide sequence number extension on a sender's m-section.
 fn twcc_ext_id(pc: &mut RTCPeerConnection, sender: RTCRtpSenderId) -> Option<u8> {
-    pc.rtp_sender(sender)?
-        .get_parameters()
-        .rtp_parameters
+    let mut s = pc.rtp_sender(sender)?;
+    extension_id(
+        &s.get_parameters().rtp_parameters,
+        rtc::sdp::extmap::TRANSPORT_CC_URI,
+    )
+}
+
+/// The negotiated id of the header extension `uri` in a sender's or receiver's parameters.
+fn extension_id(params: &RTCRtpParameters, uri: &str) -> Option<u8> {
+    params
         .header_extensions
         .iter()
-        .find(|e| e.uri == rtc::sdp::extmap::TRANSPORT_CC_URI)
+        .find(|e| e.uri == uri)
         .and_then(|e| u8::try_from(e.id).ok())
 }
 

@@ -16,8 +16,8 @@ use rtc::interceptor::{
 use rtc::peer_connection::certificate::{CertificateParams, RTCCertificate};
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::peer_connection::configuration::interceptor_registry::{
-    Registry, configure_simulcast_extension_headers, configure_twcc_receiver_only,
-    configure_twcc_sender_only, register_default_interceptors,
+    Registry, configure_simulcast_extension_headers, configure_twcc_sender_only,
+    register_default_interceptors,
 };
 use rtc::peer_connection::configuration::media_engine::{
     MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_RTX, MIME_TYPE_VP8, MediaEngine,
@@ -244,14 +244,13 @@ pub fn server_peer_connection(
     // The SFU runs both sides of the media itself (see `fastpath` and `inbound`): the chain
     // only delivers the feedback, and the connection's crypto provider lets the SFU find its
     // SRTP keys. A publisher's connection sends no media: its estimate stays unset.
+    negotiate_media_features(&mut me)?;
     let keys = KeyCapture::default();
     settings = settings.with_crypto_provider(keys.provider().map_err(EngineError::Other)?);
     let (outbound, inbound, estimate) = if receives_media {
-        negotiate_receive_side(&mut me)?;
         let inbound = Inbound::new(now, keys, rand::random::<u32>() | 1);
         (None, Some(inbound), EstimateHandle::default())
     } else {
-        negotiate_send_side(&mut me)?;
         let (estimator, estimate) = estimator();
         (Some(Outbound::new(now, keys, estimator)), None, estimate)
     };
@@ -291,16 +290,6 @@ pub fn estimator() -> (Published<Gcc>, EstimateHandle) {
     (estimator, estimate)
 }
 
-/// What a publisher's connection offers in SDP for the media it receives: what
-/// [`register_default_interceptors`] offers (NACK, PLI, the simulcast extensions, transport-cc),
-/// without the interceptors: the SFU does their work itself (`inbound`).
-fn negotiate_receive_side(me: &mut MediaEngine) -> Result<(), EngineError> {
-    register_nack_feedback(me);
-    configure_simulcast_extension_headers(me)?;
-    let _ = configure_twcc_receiver_only(Registry::new(), me)?;
-    Ok(())
-}
-
 fn register_nack_feedback(me: &mut MediaEngine) {
     for parameter in ["", "pli"] {
         me.register_feedback(
@@ -313,10 +302,12 @@ fn register_nack_feedback(me: &mut MediaEngine) {
     }
 }
 
-/// What a subscriber's connection offers in SDP for the media the SFU sends on it: NACK and
-/// PLI feedback, the simulcast extensions (as the default interceptors do) and transport-wide
-/// congestion control. The interceptors that come with them are not used.
-fn negotiate_send_side(me: &mut MediaEngine) -> Result<(), EngineError> {
+/// What a server connection offers in SDP, either way the media goes: what
+/// [`register_default_interceptors`] offers (NACK and PLI feedback, the simulcast extensions)
+/// and transport-wide congestion control, without the interceptors: the SFU does their work
+/// itself (`fastpath`, `inbound`). The TWCC sender and receiver configurations register the same
+/// extension and feedback; only their (unused) interceptors differ.
+fn negotiate_media_features(me: &mut MediaEngine) -> Result<(), EngineError> {
     register_nack_feedback(me);
     configure_simulcast_extension_headers(me)?;
     let _ = configure_twcc_sender_only(Registry::new(), me)?;

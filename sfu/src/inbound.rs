@@ -168,8 +168,9 @@ impl Inbound {
         matches!(self.open, Open::Own(_))
     }
 
-    /// Opens a packet of a known stream in place (fast path): its producer and layer, and where
-    /// its payload ends. `None`: not ours to open, failed authentication, or a replay.
+    /// Opens a packet of a known stream in place (fast path): its producer, and where its
+    /// payload ends (before any padding). `None`: not ours to open, failed authentication,
+    /// malformed padding, or a replay.
     pub fn open_packet(
         &mut self,
         now: Instant,
@@ -179,7 +180,6 @@ impl Inbound {
         let Inbound {
             open,
             streams,
-            twcc,
             epoch,
             ..
         } = self;
@@ -191,13 +191,30 @@ impl Inbound {
         let end = opener
             .open_in_place(buf, view.header_len, view.ssrc, view.seq, roc)
             .ok()?;
+        // RFC 3550 §5.1: the last byte counts the padding, itself included.
+        let pad = match view.padding {
+            true => Some(usize::from(buf[end - 1])).filter(|n| *n > 0)?,
+            false => 0,
+        };
+        let end = end.checked_sub(pad).filter(|e| *e >= view.header_len)?;
         if s.arrived(now, *epoch, view.seq, view.ts, true) == Verdict::Drop {
             return None;
         }
+        let producer = s.producer;
         if let Some(t) = view.transport_seq {
-            twcc.record(t, now.saturating_duration_since(*epoch).as_micros() as i64);
+            self.on_transport_seq(now, t);
         }
-        Some((s.producer, end))
+        Some((producer, end))
+    }
+
+    /// A packet rtc opened (and checked against replays on its own SSRC, RTX repairs unwrapped
+    /// included): `Drop` for one already forwarded. Repairs may be older than the window.
+    pub fn arrived(&mut self, now: Instant, ssrc: u32, seq: u16, ts: u32) -> Verdict {
+        let epoch = self.epoch;
+        match self.stream(ssrc) {
+            Some(s) => s.arrived(now, epoch, seq, ts, false),
+            None => Verdict::Forward,
+        }
     }
 
     /// A transport-wide sequence number arrived (any RTP packet of the connection, repairs and
@@ -249,16 +266,12 @@ impl Inbound {
             ..Default::default()
         })
     }
-
-    pub fn epoch(&self) -> Instant {
-        self.epoch
-    }
 }
 
 impl Stream {
     /// Notes a packet that passed authentication: `Drop` for a replay, or (on the fast path,
     /// `strict`) one too old to tell. Repairs rtc delivers may be older than the window.
-    pub fn arrived(
+    fn arrived(
         &mut self,
         now: Instant,
         epoch: Instant,
@@ -640,6 +653,47 @@ mod tests {
         assert!(!inb.try_find(&packet));
         assert!(matches!(inb.open, Open::Rtc));
         assert!(!keys.has_any(), "the captured keys are dropped");
+    }
+
+    #[test]
+    fn opened_packets_lose_their_padding_and_bad_padding_is_refused() {
+        use rtc::srtp::context::Context;
+        use rtc::srtp::protection_profile::ProtectionProfile;
+        let provider = rtc::crypto::default_provider().unwrap();
+        let (key, salt) = ([3u8; 16], [4u8; 12]);
+        let mut theirs = Context::new(
+            &key,
+            &salt,
+            ProtectionProfile::AeadAes128Gcm,
+            None,
+            None,
+            provider.crypto(),
+        )
+        .unwrap();
+        let keys = KeyCapture::default();
+        let mut block = [0u8; 16];
+        block[..12].copy_from_slice(&salt);
+        keys.note_for_test(key.to_vec(), block);
+        let t0 = Instant::now();
+        let mut inb = Inbound::new(t0, keys, 7);
+        inb.add_stream(5, 1, 0, 48_000, false);
+        // Header with P set, payload "abc", then padding whose last byte counts it.
+        let sealed = |seq: u8, padding: &[u8], theirs: &mut Context| {
+            let mut plain = vec![0xA0, 111, 0, seq, 0, 0, 0, 9, 0, 0, 0, 5];
+            plain.extend_from_slice(b"abc");
+            plain.extend_from_slice(padding);
+            theirs.encrypt_rtp(&plain).unwrap().to_vec()
+        };
+        let mut good = sealed(1, &[0, 0, 3], &mut theirs);
+        assert!(inb.try_find(&good));
+        let view = RtpView::parse(&good, None, None).unwrap();
+        assert_eq!(inb.open_packet(t0, &mut good, &view), Some((1, 15)));
+        assert_eq!(&good[12..15], b"abc");
+        for (seq, padding) in [(2, &[0u8][..]), (3, &[0, 9][..])] {
+            let mut bad = sealed(seq, padding, &mut theirs);
+            let view = RtpView::parse(&bad, None, None).unwrap();
+            assert_eq!(inb.open_packet(t0, &mut bad, &view), None, "{padding:?}");
+        }
     }
 
     #[test]

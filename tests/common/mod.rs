@@ -193,17 +193,23 @@ impl TestApp {
         self.signed_in_new_user(username).await
     }
 
-    /// A client signed in as a user just made with the initial password `initial-pass-1`, who
-    /// has chosen their own (`own-pass-1234`): nothing else is allowed before that.
-    pub async fn signed_in_new_user(&self, username: &str) -> reqwest::Client {
+    /// A fresh client (its own cookies) signed in as `username`; panics unless it works.
+    pub async fn signed_in(&self, username: &str, password: &str) -> reqwest::Client {
         let c = client();
         let r = c
             .post(self.url("/api/v1/session"))
-            .json(&json!({"username": username, "password": "initial-pass-1"}))
+            .json(&json!({"username": username, "password": password}))
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 200);
+        assert_eq!(r.status(), 200, "sign-in as {username}");
+        c
+    }
+
+    /// A client signed in as a user just made with the initial password `initial-pass-1`, who
+    /// has chosen their own (`own-pass-1234`): nothing else is allowed before that.
+    pub async fn signed_in_new_user(&self, username: &str) -> reqwest::Client {
+        let c = self.signed_in(username, "initial-pass-1").await;
         let r = c
             .put(self.url("/api/v1/me/password"))
             .json(&json!({"current_password": "initial-pass-1", "new_password": "own-pass-1234"}))
