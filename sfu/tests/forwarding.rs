@@ -298,6 +298,17 @@ impl Net {
         (v, a)
     }
 
+    /// Bob subscribes, then Alice publishes camera and microphone; returns once Bob has both:
+    /// (bob, alice, video, audio).
+    fn bob_watches_alice(&mut self) -> (C, C, ProducerId, ProducerId) {
+        let room = Net::room();
+        let bob = self.subscriber(&room, "bob");
+        let alice = self.publisher(&room, "alice");
+        let (video, audio) = self.start_publishing(alice);
+        self.wait_subscribed(bob, &[video, audio]);
+        (bob, alice, video, audio)
+    }
+
     fn client_by_peer(&self, peer: PeerId) -> Option<C> {
         self.clients.iter().position(|c| c.peer == peer)
     }
@@ -719,11 +730,7 @@ fn forwards_every_packet_to_every_subscriber() {
 fn send_side_features(fast_path: bool) {
     let mut net = Net::new();
     net.sfu.set_fast_path(fast_path);
-    let room = Net::room();
-    let bob = net.subscriber(&room, "bob");
-    let alice = net.publisher(&room, "alice");
-    let (video, audio) = net.start_publishing(alice);
-    net.wait_subscribed(bob, &[video, audio]);
+    let (bob, alice, video, audio) = net.bob_watches_alice();
     let (v0, _) = net.stream(alice, 20, 20, "warm");
 
     let (_, bob_ssrc) = net.clients[bob].receivers[&video.to_string()];
@@ -1119,11 +1126,7 @@ fn vanished_subscriber_does_not_stall_others() {
 fn publisher_leg(fast_path: bool) {
     let mut net = Net::new();
     net.sfu.set_fast_path(fast_path);
-    let room = Net::room();
-    let bob = net.subscriber(&room, "bob");
-    let alice = net.publisher(&room, "alice");
-    let (video, audio) = net.start_publishing(alice);
-    net.wait_subscribed(bob, &[video, audio]);
+    let (bob, alice, video, audio) = net.bob_watches_alice();
     net.stream(alice, 20, 20, "warm");
 
     let sfu_addr = net.sfu_addr;
@@ -1172,11 +1175,7 @@ fn publisher_gets_nacks_and_transport_feedback_through_rtc() {
 #[test]
 fn replayed_and_altered_publisher_packets_are_refused() {
     let mut net = Net::new();
-    let room = Net::room();
-    let bob = net.subscriber(&room, "bob");
-    let alice = net.publisher(&room, "alice");
-    let (video, audio) = net.start_publishing(alice);
-    net.wait_subscribed(bob, &[video, audio]);
+    let (bob, alice, _, audio) = net.bob_watches_alice();
     net.stream(alice, 0, 10, "warm");
 
     net.tap = Some((net.sfu_addr, PUB_AUDIO_SSRC, Vec::new()));
