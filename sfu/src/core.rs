@@ -1086,8 +1086,8 @@ impl Sfu {
     }
 
     /// A publisher's RTP packet: opened and forwarded here when its stream is known and the
-    /// connection's key found (true). Otherwise rtc gets it (false), its arrival noted for the
-    /// transport-wide feedback (padding and repairs count: rtc drops some of them).
+    /// connection's key found (true). Otherwise rtc gets it (false); its interceptor chain notes
+    /// the arrival for the transport-wide feedback once rtc has opened it.
     fn receive(&mut self, now: Instant, peer: PeerId, data: &[u8]) -> bool {
         let Some(inb) = self.peers.get_mut(&peer).and_then(|p| p.inb.as_mut()) else {
             return false;
@@ -1097,9 +1097,6 @@ impl Sfu {
         };
         let pending = matches!(inb.open, Open::Pending(_));
         if !(inb.stream(view.ssrc).is_some() && inb.try_find(data)) {
-            if let Some(seq) = view.transport_seq {
-                inb.on_transport_seq(now, seq);
-            }
             return false;
         }
         if pending {

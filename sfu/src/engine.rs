@@ -39,7 +39,7 @@ use rtc::rtp_transceiver::rtp_sender::{
 use rtc::sansio::Protocol;
 
 use crate::fastpath::{KeyCapture, Outbound};
-use crate::inbound::Inbound;
+use crate::inbound::{Inbound, OpenedByRtc};
 
 pub type EngineError = rtc::shared::error::Error;
 
@@ -143,10 +143,22 @@ pub const AUDIO_LEVEL_URI: &str = "urn:ietf:params:rtp-hdrext:ssrc-audio-level";
 /// estimates (and feedback and sender reports) so that the SFU sees them in `poll_read` (to relay them to the publisher, and to
 /// choose simulcast layers).
 /// Public so that Rust test clients (and the load tool) can see the PLIs they are sent.
+/// On a publisher's connection it also notes the RTP packets rtc opened, for the SFU's
+/// transport-wide feedback (see [`OpenedByRtc`]).
 #[derive(Default)]
 pub struct DeliverRtcpFeedback {
     read: VecDeque<TaggedPacket>,
     write: VecDeque<TaggedPacket>,
+    opened: Option<OpenedByRtc>,
+}
+
+impl DeliverRtcpFeedback {
+    fn noting(opened: OpenedByRtc) -> DeliverRtcpFeedback {
+        DeliverRtcpFeedback {
+            opened: Some(opened),
+            ..Default::default()
+        }
+    }
 }
 
 impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverRtcpFeedback {
@@ -157,6 +169,9 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverRtcpFeedback {
     type Time = Instant;
 
     fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let (Packet::Rtp(p), Some(opened)) = (&msg.message.packet, &self.opened) {
+            opened.note(&p.header, msg.now);
+        }
         if let Packet::Rtcp(pkts) = &msg.message.packet
             && pkts.iter().any(|p| {
                 let p = p.as_any();
@@ -194,7 +209,11 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverRtcpFeedback {
 impl Interceptor for DeliverRtcpFeedback {
     fn bind_local_stream(&mut self, _info: &StreamInfo) {}
     fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
-    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, info: &StreamInfo) {
+        if let Some(opened) = &self.opened {
+            opened.bind(&info.rtp_header_extensions);
+        }
+    }
     fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
 }
 
@@ -234,7 +253,6 @@ pub fn server_peer_connection(
     receives_media: bool,
 ) -> Result<ServerConnection, EngineError> {
     let mut me = media_engine()?;
-    let registry = Registry::new().with(Slot::from(14_000), DeliverRtcpFeedback::default());
     let mut settings = SettingEngineBuilder::new()
         .with_lite(true)
         .with_ice_credentials(ufrag.into(), pwd.into())
@@ -254,6 +272,11 @@ pub fn server_peer_connection(
         let (estimator, estimate) = estimator();
         (Some(Outbound::new(now, keys, estimator)), None, estimate)
     };
+    let deliver = match &inbound {
+        Some(inb) => DeliverRtcpFeedback::noting(inb.opened_by_rtc()),
+        None => DeliverRtcpFeedback::default(),
+    };
+    let registry = Registry::new().with(Slot::from(14_000), deliver);
     let mut pc = RTCPeerConnectionBuilder::new()
         .with_configuration(
             RTCConfigurationBuilder::new()

@@ -6,12 +6,17 @@
 //! has been found ([`Opener::find`], the same key capture as the send side), its packets no
 //! longer go through `rtc` at all: the SFU checks the tag, decrypts in its receive arena and
 //! forwards. Packets of streams not yet known, RTX repairs and all RTCP still go through `rtc`,
-//! and the packets it delivers are noted here too, so the feedback covers both paths.
+//! and the packets it opens are noted here too ([`OpenedByRtc`]), so the feedback covers both
+//! paths. Only packets that passed an SRTP check count: a forged datagram cannot skew it.
 //!
 //! Replays are refused here as SRTP requires (RFC 3711 §3.3.2): a packet is forwarded once,
 //! so the SFU never seals two different packets under one sequence number downstream.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use rtc::interceptor::RTPHeaderExtension;
+use rtc::rtp::header::Header;
 
 use rtc::rtcp::receiver_report::ReceiverReport;
 use rtc::rtcp::reception_report::ReceptionReport;
@@ -59,6 +64,7 @@ pub struct Inbound {
     pub twcc_id: Option<u8>,
     pub level_id: Option<u8>,
     twcc: TwccLog,
+    opened: OpenedByRtc,
     /// Our SSRC in the RTCP we send.
     sender_ssrc: u32,
     epoch: Instant,
@@ -111,6 +117,7 @@ impl Inbound {
             twcc_id: None,
             level_id: None,
             twcc: TwccLog::default(),
+            opened: OpenedByRtc::default(),
             sender_ssrc,
             epoch: now,
             last_twcc: None,
@@ -141,6 +148,11 @@ impl Inbound {
 
     pub fn remove_producer(&mut self, producer: u64) {
         self.streams.retain(|s| s.producer != producer);
+    }
+
+    /// Where the connection's interceptor chain notes the packets rtc opens.
+    pub fn opened_by_rtc(&self) -> OpenedByRtc {
+        self.opened.clone()
     }
 
     pub fn stream(&mut self, ssrc: u32) -> Option<&mut Stream> {
@@ -219,7 +231,7 @@ impl Inbound {
 
     /// A transport-wide sequence number arrived (any RTP packet of the connection, repairs and
     /// padding included: the sender's estimate counts them all).
-    pub fn on_transport_seq(&mut self, now: Instant, seq: u16) {
+    fn on_transport_seq(&mut self, now: Instant, seq: u16) {
         let at = now.saturating_duration_since(self.epoch).as_micros() as i64;
         self.twcc.record(seq, at);
     }
@@ -234,6 +246,9 @@ impl Inbound {
     /// What is due: transport-wide feedback, NACKs.
     pub fn feedback(&mut self, now: Instant) -> Vec<Box<dyn rtc::rtcp::Packet>> {
         let mut out: Vec<Box<dyn rtc::rtcp::Packet>> = Vec::new();
+        for (seq, at) in self.opened.take() {
+            self.on_transport_seq(at, seq);
+        }
         if self
             .last_twcc
             .is_none_or(|t| now.saturating_duration_since(t) >= TWCC_INTERVAL)
@@ -426,6 +441,54 @@ struct TwccLog {
     /// The first sequence number the next feedback covers.
     next: Option<u64>,
     count: u8,
+}
+
+/// Transport-wide sequence numbers of the packets `rtc` opened on one connection (they passed
+/// its SRTP check), with their arrival times: repairs, padding probes, the first packets of a
+/// stream, everything of a connection off the fast path. The connection's interceptor chain
+/// notes them ([`crate::engine::DeliverRtcpFeedback`]); its [`Inbound`] takes them into the
+/// feedback. Shared by those two only.
+#[derive(Clone, Default)]
+pub struct OpenedByRtc(Arc<Mutex<OpenedLog>>);
+
+#[derive(Default)]
+struct OpenedLog {
+    twcc_id: Option<u8>,
+    arrivals: Vec<(u16, Instant)>,
+}
+
+impl OpenedByRtc {
+    fn log(&self) -> std::sync::MutexGuard<'_, OpenedLog> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A stream rtc bound: its extensions say which one carries the transport-wide number.
+    pub fn bind(&self, extensions: &[RTPHeaderExtension]) {
+        let id = extensions
+            .iter()
+            .find(|e| e.uri == rtc::sdp::extmap::TRANSPORT_CC_URI)
+            .and_then(|e| u8::try_from(e.id).ok());
+        let mut log = self.log();
+        log.twcc_id = log.twcc_id.or(id);
+    }
+
+    /// An RTP packet rtc opened.
+    pub fn note(&self, header: &Header, now: Instant) {
+        let mut log = self.log();
+        let Some(id) = log.twcc_id else {
+            return;
+        };
+        if log.arrivals.len() >= TWCC_LOG {
+            return;
+        }
+        if let Some(v) = header.get_extension(id).filter(|v| v.len() >= 2) {
+            log.arrivals.push((u16::from_be_bytes([v[0], v[1]]), now));
+        }
+    }
+
+    fn take(&self) -> Vec<(u16, Instant)> {
+        std::mem::take(&mut self.log().arrivals)
+    }
 }
 
 /// Units of the reference time (64 ms) and of the deltas (250 µs), in µs.

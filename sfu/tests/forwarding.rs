@@ -1222,3 +1222,50 @@ fn replayed_and_altered_publisher_packets_are_refused() {
     let (_, a) = net.stream(alice, 0, 10, "after");
     assert_received_all(&net, bob, audio, "after", &a, PUB_AUDIO_SSRC);
 }
+
+/// A datagram from the publisher's address that no key opens, sent where rtc reads it (an
+/// SSRC the fast path does not know), leaves the transport-wide feedback alone: counted, its
+/// forged sequence number far ahead would make the publisher's real packets look late, and
+/// they would get no feedback at all (its estimate would starve).
+#[test]
+fn forged_transport_numbers_do_not_skew_the_feedback() {
+    use rtc::shared::marshal::{Marshal, MarshalSize, Unmarshal};
+    let mut net = Net::new();
+    let (_, alice, _, _) = net.bob_watches_alice();
+    net.tap = Some((net.sfu_addr, PUB_AUDIO_SSRC, Vec::new()));
+    net.stream(alice, 0, 10, "warm");
+    let copy = net.tap.take().unwrap().2.pop().unwrap();
+    let id = twcc_extension_id(&net.clients[alice].pc);
+    let mut header = rtc::rtp::header::Header::unmarshal(&mut &copy[..]).unwrap();
+    let body = copy[header.marshal_size()..].to_vec();
+    let seq = header.get_extension(id).expect("a transport-wide number");
+    let ahead = u16::from_be_bytes([seq[0], seq[1]]).wrapping_add(20_000);
+    header
+        .set_extension(id, Bytes::copy_from_slice(&ahead.to_be_bytes()))
+        .unwrap();
+    header.ssrc = 0x0bad_cafe;
+    let mut forged = header.marshal().unwrap().to_vec();
+    forged.extend_from_slice(&body);
+    let from = net.clients[alice].addr;
+    net.sfu.handle_datagram(net.now, from, &forged);
+
+    net.clients[alice].twcc_feedback = 0;
+    net.stream(alice, 0, 50, "after");
+    let feedback = net.clients[alice].twcc_feedback;
+    assert!(
+        feedback >= 3,
+        "{feedback} feedback packets after the forgery"
+    );
+}
+
+/// The id the client's own description gives the transport-wide sequence number.
+fn twcc_extension_id(pc: &RTCPeerConnection) -> u8 {
+    let sdp = &pc.local_description().expect("described").sdp;
+    sdp.lines()
+        .find_map(|l| {
+            let rest = l.strip_prefix("a=extmap:")?;
+            let (id, uri) = rest.split_once(' ')?;
+            (uri.trim() == rtc::sdp::extmap::TRANSPORT_CC_URI).then(|| id.parse().ok())?
+        })
+        .expect("transport-wide congestion control negotiated")
+}
