@@ -822,6 +822,36 @@ mod tests {
     }
 
     #[test]
+    fn packets_rtc_opened_count_once_their_extension_is_bound() {
+        let t0 = Instant::now();
+        let mut inb = Inbound::new(t0, KeyCapture::default(), 7);
+        let opened = inb.opened_by_rtc();
+        let header = |seq: u16| {
+            let mut h = Header::default();
+            h.set_extension(3, bytes::Bytes::copy_from_slice(&seq.to_be_bytes()))
+                .unwrap();
+            h
+        };
+        opened.note(&header(4), t0);
+        opened.bind(&[RTPHeaderExtension {
+            uri: rtc::sdp::extmap::TRANSPORT_CC_URI.into(),
+            id: 3,
+        }]);
+        opened.note(&header(5), t0 + Duration::from_millis(1));
+        opened.note(&header(6), t0 + Duration::from_millis(2));
+        let fb = inb.feedback(t0 + Duration::from_millis(3));
+        let twcc = fb
+            .iter()
+            .find_map(|p| p.as_any().downcast_ref::<TransportLayerCc>())
+            .expect("feedback for what rtc opened");
+        assert_eq!(
+            (twcc.base_sequence_number, twcc.packet_status_count),
+            (5, 2),
+            "noted before the id was known: not counted"
+        );
+    }
+
+    #[test]
     fn headers_parse_with_both_extension_forms_and_malformed_ones_do_not() {
         let mut one = vec![0x90, 0x60, 0x12, 0x34, 0, 0, 0, 9, 0, 0, 0x04, 0xD2];
         one.extend_from_slice(&[0xBE, 0xDE, 0, 2, 0x11, 0xAB, 0xCD, 0x30, 0x85, 0, 0, 0]);
