@@ -2,7 +2,9 @@
 
 mod common;
 
+use common::api::call;
 use common::{ADMIN_PASSWORD, Backend, TestApp};
+use reqwest::Method;
 use serde_json::{Value, json};
 
 async fn sign_in_sets_cookie_and_sign_out_ends_it(backend: Backend) {
@@ -323,52 +325,32 @@ async fn an_initial_password_is_good_only_for_changing_it(backend: Backend) {
         .await;
     assert_eq!(r.status(), 201);
     let c = app.signed_in("wang.wu", "initial-pass-1").await;
-    let status = |r: reqwest::Response| r.status().as_u16();
-    let me: Value = c
-        .get(app.url("/api/v1/me"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, me) = call(&c, &app, Method::GET, "/api/v1/me", None).await;
     assert_eq!(me["must_change_password"], true);
 
-    let r = c.get(app.url("/api/v1/members")).send().await.unwrap();
-    assert_eq!(r.status(), 403);
-    let body: Value = r.json().await.unwrap();
+    let (status, body) = call(&c, &app, Method::GET, "/api/v1/members", None).await;
+    assert_eq!(status, 403);
     assert_eq!(body["error"], "password_change_required", "{body}");
-    let r = c
-        .post(app.url("/api/v1/rooms/branch-1/tokens"))
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(status(r), 403, "no meeting tokens either");
+    let tokens = "/api/v1/rooms/branch-1/tokens";
+    let (status, _) = call(&c, &app, Method::POST, tokens, Some(json!({}))).await;
+    assert_eq!(status, 403, "no meeting tokens either");
     for page in ["/members", "/orgs", "/"] {
         let r = c.get(app.url(page)).send().await.unwrap();
         assert_eq!(r.status(), 303, "{page}");
         assert_eq!(r.headers()["location"], "/account/password", "{page}");
     }
-    let r = c.get(app.url("/account/password")).send().await.unwrap();
-    assert_eq!(status(r), 200);
+    let (status, _) = call(&c, &app, Method::GET, "/account/password", None).await;
+    assert_eq!(status, 200);
 
-    let r = c
-        .put(app.url("/api/v1/me/password"))
-        .json(&json!({"current_password": "initial-pass-1", "new_password": "wang-own-pass-5"}))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success());
+    let change = json!({"current_password": "initial-pass-1", "new_password": "wang-own-pass-5"});
+    let (status, _) = call(&c, &app, Method::PUT, "/api/v1/me/password", Some(change)).await;
+    assert!(status.is_success());
     // Now they may; with no org of their own they see no members (on both databases).
-    let r = c.get(app.url("/api/v1/members")).send().await.unwrap();
-    assert_eq!(r.status(), 200);
-    let list: Value = r.json().await.unwrap();
+    let (status, list) = call(&c, &app, Method::GET, "/api/v1/members", None).await;
+    assert_eq!(status, 200);
     assert_eq!(list["total"], 0, "{list}");
-    assert_eq!(
-        status(c.get(app.url("/members")).send().await.unwrap()),
-        200
-    );
+    let (status, _) = call(&c, &app, Method::GET, "/members", None).await;
+    assert_eq!(status, 200);
     app.stop().await;
 }
 

@@ -39,7 +39,7 @@ use crate::RouterId;
 use crate::engine;
 use crate::fastpath::{self, Kept, Outbound, Rollover, Seal, Sealer, SendStats, SentRing};
 use crate::forwarder::{self, Forwarder, Layer, LayerState, Verdict};
-use crate::inbound::{self, Inbound, Open, RtpView};
+use crate::inbound::{self, Inbound, Open};
 
 /// Keyframe requests for one layer are sent at most this often; one asked for sooner is sent
 /// when the interval ends (a viewer who connects just after a keyframe waits at most this long,
@@ -1092,7 +1092,7 @@ impl Sfu {
         let Some(inb) = self.peers.get_mut(&peer).and_then(|p| p.inb.as_mut()) else {
             return false;
         };
-        let Some(view) = RtpView::parse(data, inb.twcc_id, inb.level_id) else {
+        let Some(view) = inb.view(data) else {
             return false;
         };
         let pending = matches!(inb.open, Open::Pending(_));
@@ -1481,8 +1481,7 @@ impl Sfu {
                 if let Some(inb) = p.inb.as_mut() {
                     let video = kind == MediaKind::Video;
                     inb.add_stream(init.ssrc, id.0, layer as u8, codec.clock_rate, video);
-                    inb.twcc_id = inb.twcc_id.or(twcc_id);
-                    inb.level_id = inb.level_id.or(audio_level_id);
+                    inb.learn_extensions(twcc_id, audio_level_id);
                 }
                 let (router, owner) = (p.router.clone(), p.owner.clone());
                 self.producers.insert(

@@ -209,11 +209,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverRtcpFeedback {
 impl Interceptor for DeliverRtcpFeedback {
     fn bind_local_stream(&mut self, _info: &StreamInfo) {}
     fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
-    fn bind_remote_stream(&mut self, info: &StreamInfo) {
-        if let Some(opened) = &self.opened {
-            opened.bind(&info.rtp_header_extensions);
-        }
-    }
+    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
     fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
 }
 

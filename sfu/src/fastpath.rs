@@ -97,9 +97,12 @@ impl KeyCapture {
         })
     }
 
+    /// Notes `key` as if SRTP had derived from it with `salt` (the first block starts with it).
     #[cfg(test)]
-    pub(crate) fn note_for_test(&self, key: Vec<u8>, block: [u8; 16]) {
-        self.0.lock().unwrap().push((key, block));
+    pub(crate) fn note_for_test(&self, key: &[u8], salt: &[u8]) {
+        let mut block = [0u8; 16];
+        block[..salt.len()].copy_from_slice(salt);
+        self.0.lock().unwrap().push((key.to_vec(), block));
     }
 
     #[cfg(test)]
@@ -841,6 +844,14 @@ impl Outbound {
     }
 }
 
+/// An rtc SRTP context protecting with AES-128-GCM under `key` and `salt`: the far end.
+#[cfg(test)]
+pub(crate) fn gcm_context(key: &[u8], salt: &[u8]) -> Context {
+    let provider = rtc::crypto::default_provider().unwrap();
+    let gcm = ProtectionProfile::AeadAes128Gcm;
+    Context::new(key, salt, gcm, None, None, provider.crypto()).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -903,10 +914,8 @@ mod tests {
             // what rtc sealed, and refuses it altered.
             let opener = opener.get_or_insert_with(|| {
                 let keys = KeyCapture::default();
-                let mut block = [0u8; 16];
-                block[..salt.len()].copy_from_slice(salt);
-                keys.0.lock().unwrap().push((vec![0x22u8; 16], block));
-                keys.0.lock().unwrap().push((key.to_vec(), block));
+                keys.note_for_test(&[0x22u8; 16], salt);
+                keys.note_for_test(&key, salt);
                 Opener::find(&keys, &expected).expect("the key that sealed it")
             });
             let mut altered = expected.to_vec();
@@ -1001,28 +1010,17 @@ mod tests {
 
     #[test]
     fn a_key_that_did_not_protect_the_probe_is_not_used() {
-        let provider = rtc::crypto::default_provider().unwrap();
         let key = [7u8; 16];
         let salt = [9u8; 12];
-        let mut theirs = Context::new(
-            &key,
-            &salt,
-            ProtectionProfile::AeadAes128Gcm,
-            None,
-            None,
-            provider.crypto(),
-        )
-        .unwrap();
+        let mut theirs = gcm_context(&key, &salt);
         let rr = [0x80, 201, 0, 1, 0, 0, 0, 1];
         let srtcp = theirs.encrypt_rtcp(&rr).unwrap();
-        let mut block = [0u8; 16];
-        block[..12].copy_from_slice(&salt);
         let wrong = KeyCapture::default();
-        wrong.0.lock().unwrap().push((vec![8u8; 16], block));
+        wrong.note_for_test(&[8u8; 16], &salt);
         assert!(Sealer::find(&wrong, &srtcp).is_none());
         let right = KeyCapture::default();
-        right.0.lock().unwrap().push((vec![8u8; 16], block));
-        right.0.lock().unwrap().push((key.to_vec(), block));
+        right.note_for_test(&[8u8; 16], &salt);
+        right.note_for_test(&key, &salt);
         let found = Sealer::find(&right, &srtcp).expect("the second key protected it");
         assert!(matches!(found.profile, ProtectionProfile::AeadAes128Gcm));
         assert!(

@@ -15,7 +15,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rtc::interceptor::RTPHeaderExtension;
 use rtc::rtp::header::Header;
 
 use rtc::rtcp::receiver_report::ReceiverReport;
@@ -61,8 +60,8 @@ pub struct Inbound {
     pub open: Open,
     streams: Vec<Stream>,
     /// The connection's extension ids: transport-wide sequence number, audio level.
-    pub twcc_id: Option<u8>,
-    pub level_id: Option<u8>,
+    twcc_id: Option<u8>,
+    level_id: Option<u8>,
     twcc: TwccLog,
     opened: OpenedByRtc,
     /// Our SSRC in the RTCP we send.
@@ -153,6 +152,18 @@ impl Inbound {
     /// Where the connection's interceptor chain notes the packets rtc opens.
     pub fn opened_by_rtc(&self) -> OpenedByRtc {
         self.opened.clone()
+    }
+
+    /// The fields of an RTP packet of this connection, its extensions included.
+    pub fn view(&self, data: &[u8]) -> Option<RtpView> {
+        RtpView::parse(data, self.twcc_id, self.level_id)
+    }
+
+    /// The connection's extension ids, from a track rtc announced (the first one's stand).
+    pub fn learn_extensions(&mut self, twcc: Option<u8>, level: Option<u8>) {
+        self.twcc_id = self.twcc_id.or(twcc);
+        self.level_id = self.level_id.or(level);
+        self.opened.log().twcc_id = self.twcc_id;
     }
 
     pub fn stream(&mut self, ssrc: u32) -> Option<&mut Stream> {
@@ -444,10 +455,11 @@ struct TwccLog {
 }
 
 /// Transport-wide sequence numbers of the packets `rtc` opened on one connection (they passed
-/// its SRTP check), with their arrival times: repairs, padding probes, the first packets of a
-/// stream, everything of a connection off the fast path. The connection's interceptor chain
-/// notes them ([`crate::engine::DeliverRtcpFeedback`]); its [`Inbound`] takes them into the
-/// feedback. Shared by those two only.
+/// its SRTP check), with their arrival times: repairs, padding probes, everything of a
+/// connection off the fast path, once the first track announced has told the extension's id
+/// ([`Inbound::learn_extensions`]). The connection's interceptor chain notes them
+/// ([`crate::engine::DeliverRtcpFeedback`]); its [`Inbound`] takes them into the feedback.
+/// Shared by those two only.
 #[derive(Clone, Default)]
 pub struct OpenedByRtc(Arc<Mutex<OpenedLog>>);
 
@@ -460,16 +472,6 @@ struct OpenedLog {
 impl OpenedByRtc {
     fn log(&self) -> std::sync::MutexGuard<'_, OpenedLog> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// A stream rtc bound: its extensions say which one carries the transport-wide number.
-    pub fn bind(&self, extensions: &[RTPHeaderExtension]) {
-        let id = extensions
-            .iter()
-            .find(|e| e.uri == rtc::sdp::extmap::TRANSPORT_CC_URI)
-            .and_then(|e| u8::try_from(e.id).ok());
-        let mut log = self.log();
-        log.twcc_id = log.twcc_id.or(id);
     }
 
     /// An RTP packet rtc opened.
@@ -705,7 +707,7 @@ mod tests {
     fn keys_that_open_nothing_leave_the_connection_to_rtc_and_are_forgotten() {
         let keys = KeyCapture::default();
         let mut inb = Inbound::new(Instant::now(), keys.clone(), 7);
-        keys.note_for_test(vec![1u8; 16], [2u8; 16]);
+        keys.note_for_test(&[1u8; 16], &[2u8; 16]);
         let packet = [
             0x80u8, 96, 0, 1, 0, 0, 0, 1, 0, 0, 0, 5, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9,
         ];
@@ -721,22 +723,10 @@ mod tests {
     #[test]
     fn opened_packets_lose_their_padding_and_bad_padding_is_refused() {
         use rtc::srtp::context::Context;
-        use rtc::srtp::protection_profile::ProtectionProfile;
-        let provider = rtc::crypto::default_provider().unwrap();
         let (key, salt) = ([3u8; 16], [4u8; 12]);
-        let mut theirs = Context::new(
-            &key,
-            &salt,
-            ProtectionProfile::AeadAes128Gcm,
-            None,
-            None,
-            provider.crypto(),
-        )
-        .unwrap();
+        let mut theirs = crate::fastpath::gcm_context(&key, &salt);
         let keys = KeyCapture::default();
-        let mut block = [0u8; 16];
-        block[..12].copy_from_slice(&salt);
-        keys.note_for_test(key.to_vec(), block);
+        keys.note_for_test(&key, &salt);
         let t0 = Instant::now();
         let mut inb = Inbound::new(t0, keys, 7);
         inb.add_stream(5, 1, 0, 48_000, false);
@@ -822,7 +812,7 @@ mod tests {
     }
 
     #[test]
-    fn packets_rtc_opened_count_once_their_extension_is_bound() {
+    fn packets_rtc_opened_count_once_their_extension_is_known() {
         let t0 = Instant::now();
         let mut inb = Inbound::new(t0, KeyCapture::default(), 7);
         let opened = inb.opened_by_rtc();
@@ -833,10 +823,7 @@ mod tests {
             h
         };
         opened.note(&header(4), t0);
-        opened.bind(&[RTPHeaderExtension {
-            uri: rtc::sdp::extmap::TRANSPORT_CC_URI.into(),
-            id: 3,
-        }]);
+        inb.learn_extensions(Some(3), None);
         opened.note(&header(5), t0 + Duration::from_millis(1));
         opened.note(&header(6), t0 + Duration::from_millis(2));
         let fb = inb.feedback(t0 + Duration::from_millis(3));
